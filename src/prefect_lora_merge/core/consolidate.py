@@ -1,0 +1,142 @@
+"""Consolidation: the index, the non-weight files, and the manifest written last as the commit point."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import LoraMergeError, OutputLocationError
+from .merge import ShardReceipt
+from .plan import ALGORITHM_VERSION, INDEX_FILE, MergePlan
+from .storage import Location
+
+MANIFEST_FILE = "lora-merge-manifest.json"
+TOOL_NAME = "prefect-lora-merge"
+
+
+class FileRecord(BaseModel):
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """The last file a merge writes: an output without it is not a finished merge."""
+
+    tool: str = TOOL_NAME
+    tool_version: str
+    algorithm_version: str = ALGORITHM_VERSION
+    fingerprint: str
+    created: float
+    base: dict[str, Any]
+    adapter: dict[str, Any]
+    decisions: list[str]
+    files: dict[str, FileRecord]
+    shards: list[ShardReceipt]
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(TOOL_NAME)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def read_manifest(output: Location) -> Manifest | None:
+    if not output.exists(MANIFEST_FILE):
+        return None
+    try:
+        return Manifest.model_validate(output.read_json(MANIFEST_FILE))
+    except LoraMergeError:
+        raise
+    except Exception as exc:
+        raise LoraMergeError(f"{output.describe(MANIFEST_FILE)} is not a valid manifest ({exc})") from None
+
+
+def prepare_output(plan: MergePlan, *, overwrite: bool = False) -> None:
+    """Refuse to mix two different merges in one output; withdraw an old manifest before rewriting anything."""
+    output = plan.job.output
+    previous = read_manifest(output)
+    if previous is None:
+        return
+    if previous.fingerprint != plan.fingerprint and not overwrite:
+        raise OutputLocationError(
+            f"{output.uri} already holds a merge of other inputs (fingerprint {previous.fingerprint[:12]}, this "
+            f"merge {plan.fingerprint[:12]}); pass --overwrite to replace it or choose another --output"
+        )
+    output.remove(MANIFEST_FILE)
+
+
+def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
+    """Write the index and copy the non-weight files, then the manifest, last."""
+    output, base = plan.job.output, plan.job.base
+    by_file = {r.file: r for r in receipts}
+    missing = [s.file for s in plan.shards if s.file not in by_file]
+    if missing:
+        raise LoraMergeError(f"cannot consolidate: shard(s) {', '.join(missing[:5])} were not merged; re-run the merge")
+    for shard in plan.shards:
+        size = output.size(shard.file)
+        if size != by_file[shard.file].bytes:
+            raise LoraMergeError(
+                f"{output.describe(shard.file)} is {size} bytes but its merge wrote {by_file[shard.file].bytes}; "
+                "re-run the merge"
+            )
+
+    files: dict[str, FileRecord] = {r.file: FileRecord(bytes=r.bytes, sha256=r.sha256) for r in receipts}
+    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    total_size = sum(e.nbytes for s in plan.shards for e in s.output_entries())
+    metadata = {k: v for k, v in plan.index_metadata.items() if k != "total_size"}
+    index = {"metadata": {**metadata, "total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    files[INDEX_FILE] = _write(output, INDEX_FILE, _json_bytes(index))
+
+    for name in plan.extra_files:
+        data = base.read_bytes(name)
+        if name == "config.json" and plan.config_updates:
+            data = _json_bytes(_updated_config(json.loads(data), plan.config_updates))
+        files[name] = _write(output, name, data)
+
+    adapter = plan.job.adapter
+    manifest = Manifest(
+        tool_version=tool_version(),
+        fingerprint=plan.fingerprint,
+        created=time.time(),
+        base={"uri": base.uri, "shards": {s.file: s.base_size for s in plan.shards}},
+        adapter={
+            "uri": adapter.location.uri,
+            "file": adapter.file,
+            "version": adapter.version,
+            "tensors": sorted(adapter.tensors),
+            "usage": plan.adapter_usage,
+        },
+        decisions=list(plan.decisions),
+        files=dict(sorted(files.items())),
+        shards=sorted(receipts, key=lambda r: r.file),
+    )
+    output.write_bytes(MANIFEST_FILE, _json_bytes(manifest.model_dump(mode="json")))
+    return manifest
+
+
+def _write(output: Location, name: str, data: bytes) -> FileRecord:
+    output.write_bytes(name, data)
+    return FileRecord(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
+def _updated_config(config: dict[str, Any], updates: dict[str, int]) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    for dotted, value in updates.items():
+        scope = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            scope = scope[parent]
+        scope[leaf] = value
+    return config

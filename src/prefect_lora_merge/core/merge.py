@@ -1,0 +1,215 @@
+"""Merging one shard: stream the base shard's tensors in order, rewrite the touched ones, copy the rest as bytes.
+
+Reading runs one step ahead of computing and writing (a reader thread with a byte budget), so a shard's time is
+close to max(read, compute, write) rather than their sum, and memory stays bounded by the largest tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+
+from .adapter import read_adapter_tensor
+from .errors import CheckpointFormatError, LoraMergeError
+from .lora_math import merged_tensor
+from .plan import MergeJob, PlannedTensor, ShardPlan, update_keys
+from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
+from .storage import COPY_CHUNK_BYTES
+
+READ_AHEAD_BYTES = 2 * COPY_CHUNK_BYTES
+
+
+class ShardReceipt(BaseModel):
+    """What a finished shard merge reports: small, so it travels through Prefect's result store."""
+
+    file: str
+    bytes: int
+    sha256: str
+    tensors: int
+    touched: list[str]
+    applied: list[str]  # adapter keys, once per application
+    seconds: float
+    device: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraMergeError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LoraMergeError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return torch.device(device)
+
+
+@dataclass
+class _Segment:
+    tensor: PlannedTensor | None  # None: raw bytes of untouched tensors
+    data: bytes
+
+
+def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], None] | None = None) -> ShardReceipt:
+    """Write the merged version of one base shard to the output, atomically; return its receipt."""
+    started = time.perf_counter()
+    device = resolve_device(job.device)
+    base = job.base
+    header = read_header(base, shard.file)
+    if (
+        header.file_size != shard.base_size
+        or header.header_bytes != shard.base_header_bytes
+        or header.tensors != tuple(t.base for t in shard.tensors)
+    ):
+        raise CheckpointFormatError(
+            f"{base.describe(shard.file)} changed since the merge was planned; plan the merge again"
+        )
+    if shard.layout_unchanged():
+        # Same names, dtypes, shapes and offsets: keep the base's header bytes exactly (metadata included).
+        header_blob = base.read_bytes(shard.file, 0, header.data_start)
+    else:
+        header_blob = encode_header(shard.output_entries(), shard.metadata)
+
+    digest, written, applied = hashlib.sha256(), 0, []
+    adapter_cache: dict[str, torch.Tensor] = {}
+
+    def fetch(key: str) -> torch.Tensor:
+        if key not in adapter_cache:
+            adapter_cache[key] = read_adapter_tensor(job.adapter, key).to(device=device, dtype=torch.float32)
+        return adapter_cache[key]
+
+    with job.output.atomic_writer(shard.file) as out:
+
+        def emit(data: bytes | memoryview) -> None:
+            nonlocal written
+            out.write(data)
+            digest.update(data)
+            written += len(data)
+
+        emit(header_blob)
+        for segment in _read_ahead(job, shard, header.data_start):
+            if segment.tensor is None:
+                emit(segment.data)
+                if on_bytes:
+                    on_bytes(len(segment.data))
+                continue
+            planned = segment.tensor
+            result = _merge_tensor(planned, segment.data, fetch, device)
+            emit(tensor_to_bytes(result))
+            applied += [k for u in planned.updates for k in update_keys(u)]
+            if on_bytes:
+                on_bytes(len(segment.data))
+            del result
+    expected = len(header_blob) + sum(e.nbytes for e in shard.output_entries())
+    if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently
+        job.output.remove(shard.file)
+        raise LoraMergeError(f"internal error: wrote {written} bytes for {shard.file}, expected {expected}")
+    return ShardReceipt(
+        file=shard.file,
+        bytes=written,
+        sha256=digest.hexdigest(),
+        tensors=len(shard.tensors),
+        touched=[t.name for t in shard.touched],
+        applied=applied,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+    )
+
+
+def _merge_tensor(
+    planned: PlannedTensor, data: bytes, fetch: Callable[[str], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    dtype = torch_dtype(planned.dtype)
+    with warnings.catch_warnings():
+        # The read buffer is immutable bytes; the fp32 copy made right away is what gets modified.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        base = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    weight = base.reshape(planned.base.shape).to(device=device, dtype=torch.float32)
+    merged = merged_tensor(weight, planned.updates, fetch)
+    if tuple(merged.shape) != planned.shape:
+        raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
+    if not torch.isfinite(merged).all() and torch.isfinite(weight).all():
+        raise LoraMergeError(
+            f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
+            f"{', '.join(u.module for u in planned.updates)} are broken (NaN or huge values)"
+        )
+    return merged.to(dtype=dtype).cpu()
+
+
+def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int]]:
+    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to COPY_CHUNK_BYTES."""
+    run_begin: int | None = None
+    run_end = 0
+    for tensor in shard.tensors:
+        if not tensor.updates:
+            if run_begin is None:
+                run_begin = tensor.base.begin
+            run_end = tensor.base.end
+            continue
+        if run_begin is not None:
+            yield from _chunks(run_begin, run_end)
+            run_begin = None
+        yield tensor, tensor.base.begin, tensor.base.end
+    if run_begin is not None:
+        yield from _chunks(run_begin, run_end)
+
+
+def _chunks(begin: int, end: int) -> Iterator[tuple[None, int, int]]:
+    for start in range(begin, end, COPY_CHUNK_BYTES):
+        yield None, start, min(end, start + COPY_CHUNK_BYTES)
+
+
+def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_Segment]:
+    """Segments read by a background thread while the consumer computes and writes earlier ones.
+
+    At most READ_AHEAD_BYTES are held ahead of the consumer; a segment larger than that is read only when nothing
+    else is in flight, so memory stays bounded by the largest tensor plus the read-ahead budget.
+    """
+    in_flight = 0
+    changed = threading.Condition()
+    items: queue.Queue[_Segment | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    def may_read(size: int) -> bool:
+        return stop.is_set() or in_flight == 0 or in_flight + size <= READ_AHEAD_BYTES
+
+    def reader() -> None:
+        nonlocal in_flight
+        try:
+            for tensor, begin, end in _segments(shard):
+                size = end - begin
+                with changed:
+                    changed.wait_for(functools.partial(may_read, size))
+                    if stop.is_set():
+                        return
+                    in_flight += size
+                data = job.base.read_bytes(shard.file, data_start + begin, data_start + end)
+                items.put(_Segment(tensor=tensor, data=data))
+            items.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it in the task's own thread
+            items.put(exc)
+
+    thread = threading.Thread(target=reader, name=f"read-{shard.file}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # the consumer computes and writes this segment before asking for the next
+            with changed:
+                in_flight -= len(item.data)
+                changed.notify_all()
+    finally:
+        with changed:
+            stop.set()
+            changed.notify_all()

@@ -1,0 +1,52 @@
+"""The whole merge without an orchestrator: plan → shards → consolidate → validate, in one process.
+
+The Prefect flow runs the same steps as tasks; this function is the reference path for tests and for embedding
+the merge in other Python code that does not want Prefect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from .consolidate import MANIFEST_FILE, Manifest, consolidate, prepare_output
+from .errors import ValidationFailed
+from .merge import ShardReceipt, merge_shard
+from .plan import MergePlan, make_plan
+from .validate import ValidationReport, validate_output
+
+
+class MergeResult(BaseModel):
+    plan: MergePlan
+    receipts: list[ShardReceipt]
+    manifest: Manifest
+    report: ValidationReport
+
+
+def merge_checkpoint(
+    base: str,
+    adapter: str,
+    output: str,
+    *,
+    device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> MergeResult:
+    plan = make_plan(base, adapter, output, device=device, storage_options=storage_options)
+    prepare_output(plan, overwrite=overwrite)
+    receipts = [merge_shard(plan.job, shard, on_bytes=on_bytes) for shard in plan.shards]
+    manifest = consolidate(plan, receipts)
+    report = finish_validation(plan)
+    return MergeResult(plan=plan, receipts=receipts, manifest=manifest, report=report)
+
+
+def finish_validation(plan: MergePlan) -> ValidationReport:
+    """Validate a consolidated output; a failure withdraws the manifest so the output is never taken as done."""
+    report = validate_output(plan.job.output, plan)
+    if not report.passed:
+        plan.job.output.remove(MANIFEST_FILE)
+        raise ValidationFailed(report.failures)
+    return report

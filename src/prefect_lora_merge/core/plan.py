@@ -1,0 +1,720 @@
+"""The merge plan: which base tensor in which shard gets which update, computed once from headers and the adapter.
+
+Planning reads only safetensors headers, the base's index and config, and the adapter's config and header. Every
+adapter tensor must land on exactly one base tensor with the right shape, or planning fails before a byte is
+written, listing every offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .adapter import AdapterIndex, AdapterTensor, load_adapter_index
+from .errors import AdapterError, AdapterMismatchError, CheckpointFormatError
+from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
+from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
+
+# Bump whenever the bytes a merge writes for the same inputs could change: it is part of the plan fingerprint.
+ALGORITHM_VERSION = "1"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+STATE_PREFIX = ".lora-merge"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+# Names transformers uses in memory (what PEFT records) versus names in checkpoints on disk. Each rule rewrites a
+# full tensor name; up to two rules are chained (a multimodal prefix plus an MoE rename, say).
+KNOWN_REWRITES: tuple[tuple[str, str], ...] = (
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"\.mlp\.gate\.", ".block_sparse_moe.gate."),
+    (r"\.mlp\.experts\.", ".block_sparse_moe.experts."),
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"^model\.", ""),
+    (r"^", "model."),
+)
+
+# transformers v5 fuses per-expert Linear weights into one 3-D parameter in memory; checkpoints keep them apart.
+# fused parameter name -> alternatives, each a tuple of per-expert module names concatenated along the output dim.
+EXPERT_SPLITS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embeddings.weight")
+
+
+class Update(BaseModel):
+    """One change to one base tensor, derived from adapter tensors (keys into the adapter index)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["replace", "delta", "rows"]
+    # delta forms: linear (B@A), linear_t (fan_in_fan_out), embedding ((B@A)^T), conv, experts (fused 3-D),
+    # expert (one expert's slice of a fused delta, for per-expert tensors on disk), bias (lora_B.bias).
+    form: Literal["linear", "linear_t", "embedding", "conv", "experts", "expert", "bias"] | None = None
+    module: str
+    adapter_tensors: tuple[str, ...]
+    rank: int | None = None
+    alpha: float | None = None
+    scale: float = 1.0
+    magnitude: str | None = None  # DoRA magnitude vector
+    num_experts: int | None = None
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    experts_layout: Literal["eoi", "eio"] | None = None
+    indices: tuple[int, ...] | None = None
+
+
+class PlannedTensor(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    base: TensorEntry
+    shape: tuple[int, ...]  # output shape (differs from base only for a resized embedding)
+    updates: tuple[Update, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+
+class ShardPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    base_size: int
+    base_header_bytes: int
+    metadata: dict[str, str] | None
+    tensors: tuple[PlannedTensor, ...]  # in the base's data order
+
+    @property
+    def touched(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.updates]
+
+    def output_entries(self) -> tuple[TensorEntry, ...]:
+        return layout([(t.name, t.dtype, t.shape) for t in self.tensors])
+
+    def layout_unchanged(self) -> bool:
+        return all(t.shape == t.base.shape for t in self.tensors)
+
+    def adapter_tensors(self) -> list[str]:
+        return [key for t in self.tensors for u in t.updates for key in update_keys(u)]
+
+    def peak_bytes(self, adapter: AdapterIndex) -> int:
+        """Working memory of this shard's merge: the largest touched tensor in fp32 three times (base, delta,
+        result), its adapter tensors, and one copy buffer."""
+        worst = 0
+        for t in self.touched:
+            adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in t.updates for k in update_keys(u))
+            worst = max(worst, 3 * math.prod(t.shape) * 4 + t.base.nbytes + adapter_bytes)
+        return worst + COPY_CHUNK_BYTES
+
+
+def update_keys(update: Update) -> tuple[str, ...]:
+    return update.adapter_tensors + ((update.magnitude,) if update.magnitude else ())
+
+
+class MergeJob(BaseModel):
+    """Everything a shard merge needs besides its own shard plan."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base: Location
+    adapter: AdapterIndex
+    output: Location
+    device: str = "cpu"
+    fingerprint: str = ""
+
+
+class MergePlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    algorithm_version: str = ALGORITHM_VERSION
+    job: MergeJob
+    shards: tuple[ShardPlan, ...]
+    base_has_index: bool
+    index_metadata: dict[str, Any]
+    extra_files: tuple[str, ...]
+    config_updates: dict[str, int]
+    decisions: tuple[str, ...]
+    adapter_usage: dict[str, list[str]]  # adapter key -> base tensors it changes
+
+    @property
+    def fingerprint(self) -> str:
+        return self.job.fingerprint
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        return max((s.peak_bytes(self.job.adapter) for s in self.shards), default=COPY_CHUNK_BYTES)
+
+    def shard(self, file: str) -> ShardPlan:
+        for shard in self.shards:
+            if shard.file == file:
+                return shard
+        raise KeyError(file)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "base": self.job.base.uri,
+            "adapter": self.job.adapter.location.uri,
+            "output": self.job.output.uri,
+            "fingerprint": self.fingerprint,
+            "shards": len(self.shards),
+            "shards_touched": sum(1 for s in self.shards if s.touched),
+            "tensors": sum(len(s.tensors) for s in self.shards),
+            "tensors_touched": sum(len(s.touched) for s in self.shards),
+            "adapter_tensors": len(self.adapter_usage),
+            "bytes": sum(s.base_size for s in self.shards),
+            "estimated_peak_bytes": self.estimated_peak_bytes,
+            "decisions": list(self.decisions),
+        }
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+
+
+def make_plan(
+    base: str | Location,
+    adapter: str | Location,
+    output: str | Location,
+    *,
+    device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
+) -> MergePlan:
+    base_loc = base if isinstance(base, Location) else Location.parse(base, storage_options, what="--base")
+    adapter_loc = (
+        adapter if isinstance(adapter, Location) else Location.parse(adapter, storage_options, what="--adapter")
+    )
+    output_loc = output if isinstance(output, Location) else Location.parse(output, storage_options, what="--output")
+    refuse_output_inside_inputs(output_loc, base=base_loc, adapter=adapter_loc)
+
+    files, weight_map, index_metadata, has_index = _base_layout(base_loc)
+    headers = _read_headers(base_loc, files)
+    _check_index(base_loc, headers, weight_map)
+    config = base_loc.read_json("config.json") if base_loc.exists("config.json") else {}
+    adapter_index = load_adapter_index(adapter_loc)
+
+    catalog = {t.name: t for h in headers for t in h.tensors}
+    resolver = _Resolver(catalog, config)
+    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config)
+
+    shards = []
+    for header in headers:
+        planned = []
+        for entry in header.tensors:
+            tensor_updates = tuple(updates.get(entry.name, ()))
+            shape = _replaced_shape(tensor_updates, adapter_index) or entry.shape
+            planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates))
+        shards.append(
+            ShardPlan(
+                file=header.file,
+                base_size=header.file_size,
+                base_header_bytes=header.header_bytes,
+                metadata=header.metadata,
+                tensors=tuple(planned),
+            )
+        )
+    base_files = set(base_loc.list_files())
+    extra = tuple(sorted(f for f in base_files if _is_extra_file(f)))
+    job = MergeJob(base=base_loc, adapter=adapter_index, output=output_loc, device=device)
+    plan = MergePlan(
+        job=job,
+        shards=tuple(shards),
+        base_has_index=has_index,
+        index_metadata=index_metadata,
+        extra_files=extra,
+        config_updates=config_updates,
+        decisions=tuple(resolver.decisions),
+        adapter_usage=usage,
+    )
+    fingerprint = _fingerprint(plan, headers)
+    return plan.model_copy(update={"job": job.model_copy(update={"fingerprint": fingerprint})})
+
+
+def _is_extra_file(name: str) -> bool:
+    if name.startswith("."):
+        return False
+    return not (name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIXES))
+
+
+def _base_layout(base: Location) -> tuple[list[str], dict[str, str] | None, dict[str, Any], bool]:
+    if not base.is_dir() and not base.exists(INDEX_FILE):
+        raise CheckpointFormatError(f"--base {base.uri} does not exist or is not a directory")
+    if base.exists(INDEX_FILE):
+        index = base.read_json(INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointFormatError(f"{base.describe(INDEX_FILE)} has no weight_map; the index is corrupt")
+        files = sorted(set(weight_map.values()))
+        present = set(base.list_files())
+        missing = [f for f in files if f not in present]
+        if missing:
+            raise CheckpointFormatError(
+                f"{base.describe(INDEX_FILE)} lists shard(s) not present in the base: {', '.join(missing[:5])}; "
+                "the checkpoint is incomplete (finish the download/upload)"
+            )
+        metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        return files, weight_map, metadata, True
+    files = sorted(f for f in base.list_files() if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointFormatError(
+            f"--base {base.uri} holds no .safetensors files (and no {INDEX_FILE}); convert .bin checkpoints to "
+            "safetensors first"
+        )
+    return files, None, {}, False
+
+
+def _read_headers(base: Location, files: list[str]) -> list[ShardHeader]:
+    # Headers are small; on object storage the latency of one ranged read dominates, so read them concurrently.
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(lambda f: read_header(base, f), files))
+
+
+def _check_index(base: Location, headers: list[ShardHeader], weight_map: dict[str, str] | None) -> None:
+    seen: dict[str, str] = {}
+    for header in headers:
+        for entry in header.tensors:
+            if entry.name in seen:
+                raise CheckpointFormatError(
+                    f"tensor {entry.name!r} is stored in both {seen[entry.name]} and {header.file}; the checkpoint "
+                    "is inconsistent"
+                )
+            seen[entry.name] = header.file
+    if weight_map is None:
+        return
+    problems = [
+        f"{name} -> {file} but the shard {'has no such tensor' if name not in seen else 'is ' + seen[name]}"
+        for name, file in weight_map.items()
+        if seen.get(name) != file
+    ]
+    problems += [f"{name} in {file} is missing from the index" for name, file in seen.items() if name not in weight_map]
+    if problems:
+        raise CheckpointFormatError(
+            f"{base.describe(INDEX_FILE)} disagrees with the shard headers: "
+            + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+
+
+def _fingerprint(plan: MergePlan, headers: list[ShardHeader]) -> str:
+    digest = hashlib.sha256()
+    digest.update(ALGORITHM_VERSION.encode())
+    body = plan.model_dump(mode="json", exclude={"job": {"fingerprint", "output"}})
+    body["job"]["base"] = plan.job.base.uri
+    body["job"]["adapter"]["location"] = plan.job.adapter.location.uri
+    digest.update(json.dumps(body, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# -- resolving names ------------------------------------------------------------------------------------------
+
+
+class _Resolver:
+    """Maps a tensor name as PEFT saw it (the in-memory module name) to the name stored in the checkpoint."""
+
+    def __init__(self, catalog: dict[str, TensorEntry], config: dict[str, Any]) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.decisions: list[str] = []
+
+    def resolve(self, name: str) -> tuple[str | None, str | None]:
+        """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix."""
+        if name in self.catalog:
+            return name, None
+        found = sorted({c for c in _rewrites(name) if c in self.catalog})
+        if len(found) == 1:
+            return found[0], None
+        if len(found) > 1:
+            return None, f"{name} is ambiguous: it could be any of {found}"
+        matches = self._suffix_matches(name)
+        if len(matches) == 1:
+            return matches[0], None
+        if len(matches) > 1:
+            return None, f"{name} is ambiguous: it matches {matches[:4]} by suffix"
+        tied = self._tied_embedding(name)
+        if tied:
+            return tied, None
+        return None, f"{name} has no matching tensor in the base checkpoint"
+
+    def _suffix_matches(self, name: str) -> list[str]:
+        parts = name.split(".")
+        for start in range(len(parts) - 1):
+            # Never strip a layer or expert number: those are identity, not prefix.
+            if any(p.isdigit() for p in parts[:start]):
+                break
+            tail = ".".join(parts[start:])
+            matches = sorted(n for n in self.catalog if n == tail or n.endswith("." + tail))
+            if matches:
+                return matches
+        return []
+
+    def _tied_embedding(self, name: str) -> str | None:
+        if not re.search(r"(^|\.)lm_head\.weight$", name) or not _ties_embeddings(self.config):
+            return None
+        embeddings = sorted(n for n in self.catalog if n.endswith(EMBEDDING_NAMES) and "vision" not in n)
+        if len(embeddings) != 1:
+            return None
+        decision = (
+            f"tied embeddings: the checkpoint stores only {embeddings[0]}, shared with lm_head; the adapter's "
+            f"lm_head update is applied to {embeddings[0]}, as PEFT's merge does to the shared tensor"
+        )
+        if decision not in self.decisions:
+            self.decisions.append(decision)
+        return embeddings[0]
+
+
+def _ties_embeddings(config: dict[str, Any]) -> bool:
+    for scope in (config, config.get("text_config") or {}):
+        if isinstance(scope, dict) and scope.get("tie_word_embeddings") is not None:
+            return bool(scope["tie_word_embeddings"])
+    # transformers' PretrainedConfig default is True for most architectures that do not say.
+    return True
+
+
+def _rewrites(name: str) -> list[str]:
+    seen, frontier = {name}, [name]
+    for _ in range(2):
+        nxt = []
+        for current in frontier:
+            for pattern, repl in KNOWN_REWRITES:
+                candidate = re.sub(pattern, repl, current, count=1)
+                if candidate not in seen:
+                    seen.add(candidate)
+                    nxt.append(candidate)
+        frontier = nxt
+    seen.discard(name)
+    return sorted(seen)
+
+
+# -- turning adapter keys into updates ------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A|lora_B)\.(?P<param>weight|bias)$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.weight)?$")
+_TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+
+
+class _Group(BaseModel):
+    module: str
+    A: str | None = None
+    B: str | None = None
+    B_bias: str | None = None
+    magnitude: str | None = None
+    embedding: bool = False
+
+
+def _plan_updates(
+    adapter: AdapterIndex, resolver: _Resolver, config: dict[str, Any]
+) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int]]:
+    groups: dict[str, _Group] = {}
+    replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
+    token_keys: list[tuple[str, str]] = []
+    problems: list[str] = []
+
+    for key in adapter.tensors:
+        if m := _LORA_KEY.match(key):
+            group = groups.setdefault(m["module"], _Group(module=m["module"]))
+            if m["role"] == "lora_A":
+                group.A = key
+            elif m["param"] == "weight":
+                group.B = key
+            else:
+                group.B_bias = key
+        elif m := _EMBED_KEY.match(key):
+            group = groups.setdefault(m["module"], _Group(module=m["module"]))
+            group.embedding = True
+            setattr(group, m["role"], key)
+        elif m := _MAGNITUDE_KEY.match(key):
+            groups.setdefault(m["module"], _Group(module=m["module"])).magnitude = key
+        elif m := _TOKENS_KEY.match(key):
+            token_keys.append((key, m["module"]))
+        elif m := _BASE_LAYER_KEY.match(key):
+            replacements.append((key, f"{m['module']}.{m['param']}"))
+        elif re.search(r"\.(lora_\w+|hada_\w+|lokr_\w+|ia3_\w+)(\.|$)", key):
+            problems.append(f"{key} is not a LoRA tensor this tool knows how to merge")
+        else:
+            replacements.append((key, key))
+
+    updates: dict[str, list[Update]] = defaultdict(list)
+    usage: dict[str, list[str]] = {}
+    config_updates: dict[str, int] = {}
+
+    def add(target: str, update: Update) -> None:
+        updates[target].append(update)
+        for k in update_keys(update):
+            usage.setdefault(k, []).append(target)
+
+    # Full-tensor replacements come first: PEFT loads them into the base before any delta is merged on top.
+    for key, name in replacements:
+        target, why = resolver.resolve(name)
+        if target is None:
+            problems.append(f"{key}: {why}")
+            continue
+        base_shape, new_shape = resolver.catalog[target].shape, adapter.tensors[key].shape
+        if new_shape != base_shape:
+            if len(new_shape) == 2 and len(base_shape) == 2 and new_shape[1] == base_shape[1]:
+                config_updates.update(_vocab_update(config, base_shape[0], new_shape[0]))
+                resolver.decisions.append(
+                    f"resized embedding: {target} goes from {base_shape[0]} to {new_shape[0]} rows (the adapter "
+                    f"saved the resized tensor as {key})"
+                )
+            else:
+                problems.append(f"{key}: shape {list(new_shape)} does not fit {target} {list(base_shape)}")
+                continue
+        add(target, Update(kind="replace", module=name, adapter_tensors=(key,)))
+
+    for group in groups.values():
+        problems += _plan_group(group, adapter, resolver, add)
+
+    for key, module in token_keys:
+        problems += _plan_tokens(key, module, adapter, resolver, add)
+
+    if problems:
+        hint = "check that the adapter was trained on this base model"
+        if adapter.config.base_model_name_or_path:
+            hint += f" (the adapter says it was trained on {adapter.config.base_model_name_or_path!r})"
+        raise AdapterMismatchError(
+            f"{len(problems)} adapter tensor(s) from {adapter.location.uri} cannot be merged into the base",
+            problems,
+            hint + "; nothing was written",
+        )
+    return dict(updates), usage, config_updates
+
+
+def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[str, int]:
+    if config.get("vocab_size") == old_rows:
+        return {"vocab_size": new_rows}
+    text = config.get("text_config")
+    if isinstance(text, dict) and text.get("vocab_size") == old_rows:
+        return {"text_config.vocab_size": new_rows}
+    return {}
+
+
+def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: Any) -> list[str]:
+    module = group.module
+    if group.A is None or group.B is None:
+        present = [k for k in (group.A, group.B, group.B_bias, group.magnitude) if k]
+        return [f"{module}: has {present} but not both LoRA A and B; the adapter file is incomplete"]
+    A, B = adapter.tensors[group.A], adapter.tensors[group.B]
+    cfg = adapter.config
+
+    # Parameters targeted with `target_parameters` are nested as module(.base_layer)*; PEFT strips the nesting
+    # when it matches names.
+    depth = 0
+    plain = module
+    while plain.endswith(".base_layer"):
+        plain, depth = plain[: -len(".base_layer")], depth + 1
+    parameters = _targeted_parameters(plain, cfg.target_parameters or [])
+    if parameters:
+        return _plan_parameter(group, plain, parameters, A, B, adapter, resolver, add)
+
+    weight_name = f"{plain}.weight"
+    target, why = resolver.resolve(weight_name)
+    if target is None:
+        return [f"{group.A}: {why}"]
+    base_shape = resolver.catalog[target].shape
+    rank = A.shape[0]
+    alpha, scale = cfg.scale(plain, rank)
+    keys = (group.A, group.B)
+    problems = []
+    if group.embedding:
+        form, expected = "embedding", (A.shape[1], B.shape[0])
+    elif len(base_shape) >= 3:
+        form = "conv"
+        expected = (B.shape[0], A.shape[1], *A.shape[2:]) if len(A.shape) == len(base_shape) else None
+        if B.shape[2:] and any(d != 1 for d in B.shape[2:]):
+            expected = None
+    elif cfg.fan_in_fan_out:
+        form, expected = "linear_t", (A.shape[1], B.shape[0])
+    else:
+        form, expected = "linear", (B.shape[0], A.shape[1])
+    if len(A.shape) < 2 or len(B.shape) < 2 or B.shape[1] != rank or expected != tuple(base_shape):
+        problems.append(
+            f"{group.A}: LoRA A {list(A.shape)} / B {list(B.shape)} give a delta that does not fit {target} "
+            f"{list(base_shape)}"
+        )
+        return problems
+    if group.magnitude:
+        mag = adapter.tensors[group.magnitude].shape
+        want = {"embedding": base_shape[1], "linear_t": base_shape[1]}.get(form, base_shape[0])
+        if math.prod(mag) != want or max(mag, default=0) != want:  # conv DoRA stores (1, out, 1, 1)
+            problems.append(f"{group.magnitude}: DoRA magnitude {list(mag)} does not fit {target} {list(base_shape)}")
+            return problems
+    add(
+        target,
+        Update(
+            kind="delta",
+            form=form,
+            module=plain,
+            adapter_tensors=keys,
+            rank=rank,
+            alpha=alpha,
+            scale=scale,
+            magnitude=group.magnitude,
+        ),
+    )
+    if group.B_bias:
+        bias, why = resolver.resolve(f"{plain}.bias")
+        if bias is None:
+            problems.append(
+                f"{group.B_bias}: lora_bias is set but the base has no bias for {plain} ({why}); PEFT cannot merge "
+                "this either"
+            )
+        elif resolver.catalog[bias].shape != adapter.tensors[group.B_bias].shape:
+            problems.append(f"{group.B_bias}: shape does not fit {bias}")
+        else:
+            add(
+                bias,
+                Update(
+                    kind="delta",
+                    form="bias",
+                    module=plain,
+                    adapter_tensors=(group.B_bias,),
+                    rank=rank,
+                    alpha=alpha,
+                    scale=scale,
+                ),
+            )
+    return problems
+
+
+def _targeted_parameters(module: str, target_parameters: list[str]) -> list[str]:
+    names = []
+    for target in sorted(set(target_parameters)):
+        param = target.rpartition(".")[2]
+        full = f"{module}.{param}"
+        if full == target or full.endswith("." + target):
+            names.append(param)
+    return names
+
+
+def _plan_parameter(
+    group: _Group,
+    module: str,
+    parameters: list[str],
+    A: AdapterTensor,
+    B: AdapterTensor,
+    adapter: AdapterIndex,
+    resolver: _Resolver,
+    add: Any,
+) -> list[str]:
+    """A LoRA on a fused 3-D expert parameter, written either to the fused tensor or to per-expert tensors."""
+    layouts = {p: _parameter_layout(module, p, resolver) for p in parameters}
+    candidates = []
+    for param, found in layouts.items():
+        if found is None:
+            continue
+        num_experts, out_features, in_features, _ = found
+        if A.shape[1] == in_features and B.shape[0] == out_features and A.shape[0] % num_experts == 0:
+            candidates.append(param)
+    if len(candidates) != 1:
+        missing = [p for p, f in layouts.items() if f is None]
+        why = (
+            f"no tensor for {[f'{module}.{p}' for p in missing]} in the base"
+            if missing and not candidates
+            else f"A {list(A.shape)} / B {list(B.shape)} fit {len(candidates)} of the targeted parameters {parameters}"
+        )
+        return [f"{group.A}: {why}"]
+    param = candidates[0]
+    num_experts, out_features, in_features, targets = layouts[param]
+    rank = A.shape[0] // num_experts
+    alpha, scale = adapter.config.scale(f"{module}.{param}", rank)
+    keys = (group.A, group.B)
+    common = dict(
+        module=f"{module}.{param}", adapter_tensors=keys, rank=rank, alpha=alpha, scale=scale, num_experts=num_experts
+    )
+    if isinstance(targets, str):
+        shape = resolver.catalog[targets].shape
+        layout_name = "eoi" if tuple(shape) == (num_experts, out_features, in_features) else "eio"
+        add(targets, Update(kind="delta", form="experts", experts_layout=layout_name, **common))
+        return []
+    for expert, parts in enumerate(targets):
+        start = 0
+        for name in parts:
+            rows = resolver.catalog[name].shape[0]
+            add(name, Update(kind="delta", form="expert", expert=expert, rows=(start, start + rows), **common))
+            start += rows
+    return []
+
+
+def _parameter_layout(
+    module: str, param: str, resolver: _Resolver
+) -> tuple[int, int, int, str | list[list[str]]] | None:
+    """(experts, out, in, fused tensor name or per-expert tensor names) for a fused expert parameter."""
+    fused, _ = resolver.resolve(f"{module}.{param}")
+    if fused is not None:
+        shape = resolver.catalog[fused].shape
+        if len(shape) != 3:
+            return None
+        # Both storage orders exist ((E, out, in) and (E, in, out)); report (out, in) as (E, d1, d2) and let the
+        # adapter's shapes pick: the caller checks A's in-dim and B's out-dim against them.
+        return shape[0], shape[1], shape[2], fused
+    prefixes = [module] + [p.rstrip(".") for p in _rewrites(module + ".")]
+    for prefix in prefixes:
+        for parts in EXPERT_SPLITS.get(param, ((param,),)):
+            if f"{prefix}.0.{parts[0]}.weight" not in resolver.catalog:
+                continue
+            experts: list[list[str]] = []
+            while all(f"{prefix}.{len(experts)}.{p}.weight" in resolver.catalog for p in parts):
+                experts.append([f"{prefix}.{len(experts)}.{p}.weight" for p in parts])
+            shapes = [[resolver.catalog[n].shape for n in names] for names in experts]
+            in_features = shapes[0][0][1]
+            out_features = sum(s[0] for s in shapes[0])
+            if any(len(s) != 2 or s[1] != in_features for row in shapes for s in row) or any(
+                [s[0] for s in row] != [s[0] for s in shapes[0]] for row in shapes
+            ):
+                return None
+            return len(experts), out_features, in_features, experts
+    return None
+
+
+def _plan_tokens(key: str, module: str, adapter: AdapterIndex, resolver: _Resolver, add: Any) -> list[str]:
+    indices_cfg = adapter.config.trainable_token_indices
+    if isinstance(indices_cfg, dict):
+        matching = [v for k, v in indices_cfg.items() if module == k or module.endswith("." + k)]
+        indices = matching[0] if len(matching) == 1 else None
+    else:
+        indices = indices_cfg
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        return [f"{key}: trainable_token_indices in the adapter config gives no index list for {module}"]
+    target, why = resolver.resolve(f"{module}.weight")
+    if target is None:
+        return [f"{key}: {why}"]
+    rows, cols = resolver.catalog[target].shape[:2]
+    delta = adapter.tensors[key].shape
+    if tuple(delta) != (len(indices), cols) or any(i < 0 or i >= rows for i in indices):
+        return [f"{key}: {len(indices)} token rows of width {delta[-1]} do not fit {target} [{rows}, {cols}]"]
+    add(target, Update(kind="rows", module=module, adapter_tensors=(key,), indices=tuple(indices)))
+    return []
+
+
+def _replaced_shape(updates: tuple[Update, ...], adapter: AdapterIndex) -> tuple[int, ...] | None:
+    for update in updates:
+        if update.kind == "replace":
+            return tuple(adapter.tensors[update.adapter_tensors[0]].shape)
+    return None
+
+
+def load_plan(data: str | bytes) -> MergePlan:
+    try:
+        return MergePlan.model_validate_json(data)
+    except Exception as exc:
+        raise AdapterError(f"the stored merge plan cannot be read ({exc}); re-plan the merge") from None

@@ -1,0 +1,195 @@
+"""Storage: every byte the tool reads or writes goes through here, over fsspec.
+
+The rest of the core never branches on `s3://` versus a local path; the differences between backends (how a write
+is made atomic, how a copy avoids the client) stay inside this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import LoraMergeError, OutputLocationError, StorageError
+
+COPY_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory-like prefix on some filesystem: a local path, `file://`, `memory://`, `s3://bucket/prefix`...
+
+    Plain data (a URI and fsspec options), so it pickles into Prefect tasks and worker processes; the filesystem
+    object is created on first use in each process.
+    """
+
+    uri: str
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def parse(cls, uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "location") -> Location:
+        if not uri or not str(uri).strip():
+            raise LoraMergeError(f"the {what} is empty: give a local path or a URI such as s3://bucket/prefix")
+        uri = str(uri).strip()
+        if "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))
+        return cls(uri=uri.rstrip("/") or "/", storage_options=dict(storage_options or {}))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        return fs
+
+    @property
+    def root(self) -> str:
+        _, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        return root.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def describe(self, name: str) -> str:
+        """The name of a file as the user would write it, for messages."""
+        return f"{self.uri}/{name}"
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self.path(name)))
+
+    def is_dir(self) -> bool:
+        return bool(self.fs.isdir(self.root))
+
+    def size(self, name: str) -> int:
+        try:
+            return int(self.fs.size(self.path(name)))
+        except FileNotFoundError:
+            raise StorageError(f"{self.describe(name)} does not exist") from None
+
+    def version(self, name: str) -> dict[str, Any]:
+        """What identifies this object's current content cheaply: size plus ETag or mtime when the backend has one."""
+        info = self.fs.info(self.path(name))
+        tag = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), None)
+        return {"size": int(info.get("size") or 0), "tag": str(tag) if tag is not None else None}
+
+    def list_files(self) -> list[str]:
+        """File names directly under this location (not recursive), sorted."""
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file"]
+        return sorted(names)
+
+    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes [start, end) of a file; the whole file without a range. A short read is an error, not data."""
+        try:
+            data = self.fs.cat_file(self.path(name), start=start, end=end)
+        except FileNotFoundError:
+            raise StorageError(f"{self.describe(name)} does not exist") from None
+        if start is not None and end is not None and len(data) != end - start:
+            raise StorageError(
+                f"{self.describe(name)}: asked for bytes {start}..{end} and got {len(data)}: the file is shorter "
+                "than its header says (truncated upload or copy?); re-upload it"
+            )
+        return data
+
+    def read_json(self, name: str) -> Any:
+        data = self.read_bytes(name)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LoraMergeError(f"{self.describe(name)} is not valid JSON ({exc}); fix or replace the file") from None
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def atomic_writer(self, name: str) -> Iterator[BinaryIO]:
+        """A file object whose bytes appear under `name` only if the block finishes without an exception.
+
+        s3fs commits a `with fs.open(key, "wb")` block even when it raised, so the commit is explicit here: local
+        files go to a hidden sibling then `os.replace` (a rename on one filesystem, never a cross-device copy);
+        other backends write with `autocommit=False` and `commit()` / `discard()`.
+        """
+        fs, target = self.fs, self.path(name)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            temp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}")
+            try:
+                with open(temp, "wb") as handle:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+            except BaseException:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+                raise
+            return
+        handle = fs.open(target, "wb", autocommit=False)
+        try:
+            yield handle
+            handle.close()
+            handle.commit()
+        except BaseException:
+            handle.discard()
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.atomic_writer(name) as handle:
+            handle.write(data)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_bytes(name, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
+
+    def copy_in(self, source: Location, name: str) -> str:
+        """Copy `source/name` to `self/name`; server-side when both share a filesystem. Returns how it was copied."""
+        if type(source.fs) is type(self.fs) and source.storage_options == self.storage_options and not self.is_local:
+            self.fs.copy(source.path(name), self.path(name))
+            return "server-side"
+        size = source.size(name)
+        with self.atomic_writer(name) as handle:
+            for start in range(0, size, COPY_CHUNK_BYTES):
+                handle.write(source.read_bytes(name, start, min(size, start + COPY_CHUNK_BYTES)))
+        return "streamed"
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name))
+
+    # -- relations ----------------------------------------------------------------------------------------------
+
+    def _canonical(self) -> str:
+        return self.fs.unstrip_protocol(self.root).rstrip("/") + "/"
+
+    def same_or_inside(self, other: Location) -> bool:
+        """True when this location is `other` or lies under it (same filesystem)."""
+        if type(self.fs) is not type(other.fs):
+            return False
+        mine, theirs = self._canonical(), other._canonical()
+        if self.is_local:
+            mine = os.path.realpath(self.root) + "/"
+            theirs = os.path.realpath(other.root) + "/"
+        return mine.startswith(theirs)
+
+
+def refuse_output_inside_inputs(output: Location, **inputs: Location) -> None:
+    """The base and adapter are never written: an output equal to, inside, or containing an input is refused."""
+    for what, location in inputs.items():
+        if output.same_or_inside(location) or location.same_or_inside(output):
+            raise OutputLocationError(
+                f"--output {output.uri} overlaps the {what} location {location.uri}: inputs are never written; "
+                "choose an output location outside (and not containing) the base and adapter"
+            )
