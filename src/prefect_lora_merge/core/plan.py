@@ -333,6 +333,7 @@ class _Resolver:
         self.catalog = catalog
         self.config = config
         self.decisions: list[str] = []
+        self.tied_redirects: set[str] = set()  # modules whose updates land on the tied embedding
 
     def resolve(self, name: str) -> tuple[str | None, str | None]:
         """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix."""
@@ -350,6 +351,7 @@ class _Resolver:
             return None, f"{name} is ambiguous: it matches {matches[:4]} by suffix"
         tied = self._tied_embedding(name)
         if tied:
+            self.tied_redirects.add(name.rpartition(".")[0])
             return tied, None
         return None, f"{name} has no matching tensor in the base checkpoint"
 
@@ -373,7 +375,9 @@ class _Resolver:
             return None
         decision = (
             f"tied embeddings: the checkpoint stores only {embeddings[0]}, shared with lm_head; the adapter's "
-            f"lm_head update is applied to {embeddings[0]}, as PEFT's merge does to the shared tensor"
+            f"lm_head update is applied to {embeddings[0]} after the embedding's own, as PEFT's merge does to the "
+            "shared tensor (the unmerged PEFT model applies each delta on its own path only; no tied tensor can "
+            "reproduce both)"
         )
         if decision not in self.decisions:
             self.decisions.append(decision)
@@ -486,6 +490,12 @@ def _plan_updates(
 
     for key, module in token_keys:
         problems += _plan_tokens(key, module, adapter, resolver, add)
+
+    # PEFT merges module by module in model order; on a tied tensor the embedding's own updates come before the
+    # ones redirected from lm_head. Within that: full replacements, then deltas, then token rows.
+    kind_order = {"replace": 0, "delta": 1, "rows": 2}
+    for tensor_updates in updates.values():
+        tensor_updates.sort(key=lambda u: (u.module in resolver.tied_redirects, kind_order[u.kind]))
 
     if problems:
         hint = "check that the adapter was trained on this base model"

@@ -1,0 +1,87 @@
+"""The merge flow: plan → one task per base shard (bounded parallelism) → consolidate → validate."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from prefect_lora_merge.core.errors import LoraMergeError
+from prefect_lora_merge.core.merge import ShardReceipt
+from prefect_lora_merge.core.options import MergeParameters
+from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
+
+
+class MergeSummary(BaseModel):
+    output: str
+    fingerprint: str
+    shards: int
+    tensors_touched: int
+    bytes_written: int
+    seconds: float
+    validation_passed: bool
+    validation_checks: dict[str, int]
+    decisions: list[str]
+
+
+class ShardsFailed(LoraMergeError):
+    """Some shard tasks failed; the others finished and are on storage."""
+
+
+@flow(name="lora-merge", task_runner=ThreadPoolTaskRunner(max_workers=2), validate_parameters=True)
+def lora_merge(params: MergeParameters) -> MergeSummary:
+    started = time.perf_counter()
+    logger = get_run_logger()
+    plan = plan_merge(params)
+    logger.info(
+        "planned %d shards, %d tensors touched, estimated peak memory %.0f MiB per shard",
+        len(plan.shards),
+        sum(len(s.touched) for s in plan.shards),
+        plan.estimated_peak_bytes / 2**20,
+    )
+    futures = {merge_one_shard.submit(plan.job, shard): shard for shard in plan.shards}
+    receipts: list[ShardReceipt] = []
+    failures: list[str] = []
+    with tqdm(
+        total=sum(s.base_size for s in plan.shards),
+        unit="B",
+        unit_scale=True,
+        desc="merging",
+        disable=None,
+        leave=False,
+    ) as bar:
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            try:
+                receipts.append(future.result())
+            except Exception as exc:  # every shard gets its chance before the flow fails
+                failures.append(f"{shard.file}: {exc}")
+            bar.update(shard.base_size)
+    if failures:
+        raise ShardsFailed(
+            f"{len(failures)} of {len(plan.shards)} shard(s) failed (the others are written; re-run to finish): "
+            + "; ".join(failures[:3])
+        )
+    consolidate_output(plan, receipts)
+    report = validate_merge(plan)
+    return MergeSummary(
+        output=plan.job.output.uri,
+        fingerprint=plan.fingerprint,
+        shards=len(plan.shards),
+        tensors_touched=sum(len(r.touched) for r in receipts),
+        bytes_written=sum(r.bytes for r in receipts),
+        seconds=time.perf_counter() - started,
+        validation_passed=report.passed,
+        validation_checks=report.checks,
+        decisions=list(plan.decisions),
+    )
+
+
+def run_merge(params: MergeParameters) -> MergeSummary:
+    """Run the flow with `params.workers` shard tasks at a time (on PREFECT_API_URL, or an ephemeral server)."""
+    bounded = lora_merge.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.workers))
+    return bounded(params)

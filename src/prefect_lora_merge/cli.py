@@ -1,0 +1,212 @@
+"""`lora-merge`: parse options, call the flow or the core, report. No merge logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from prefect_lora_merge.core.errors import LoraMergeError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        storage_options = _storage_options(args)
+        return int(args.handler(args, storage_options) or 0)
+    except LoraMergeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; committed shards are kept, re-run the same command to finish")
+    return 1
+
+
+def _fail(message: str) -> None:
+    print(f"lora-merge: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-merge",
+        description="Merge a PEFT LoRA adapter into a sharded safetensors checkpoint, shard by shard.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def inputs(p: argparse.ArgumentParser, *, output_help: str) -> None:
+        p.add_argument("--base", required=True, help="base checkpoint directory or URI")
+        p.add_argument("--adapter", required=True, help="PEFT adapter directory or URI")
+        p.add_argument("--output", required=True, help=output_help)
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+        p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    run = sub.add_parser("run", help="merge through the Prefect flow")
+    inputs(run, output_help="where the merged checkpoint goes")
+    run.add_argument("--workers", type=_positive, default=2, help="shards merged at once (default: 2)")
+    run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    run.set_defaults(handler=_run)
+
+    plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
+    inputs(plan, output_help="the output the merge would write (checked, not written)")
+    plan.set_defaults(handler=_plan)
+
+    validate = sub.add_parser("validate", help="check a merged output (against base + adapter when given)")
+    validate.add_argument("--output", required=True, help="the merged checkpoint to check")
+    validate.add_argument("--base", help="base checkpoint (with --adapter: check against a fresh plan)")
+    validate.add_argument("--adapter", help="PEFT adapter (with --base)")
+    validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
+    validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.set_defaults(handler=_validate)
+
+    demo = sub.add_parser("demo", help="build a tiny model and adapter, merge them through the flow, check vs PEFT")
+    demo.add_argument("--workdir", default="demo-output", help="where the demo's files go (default: ./demo-output)")
+    demo.add_argument("--workers", type=_positive, default=2)
+    demo.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    raw = getattr(args, "storage_options", None)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoraMergeError(f"--storage-options is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise LoraMergeError("--storage-options must be a JSON object")
+    return value
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Prefect's console logs go to stdout, so stderr carries only our one-line error; they are hidden unless
+    --verbose (the Prefect UI/API still gets every log)."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first ephemeral server start takes ~25 s on 2 cores; Prefect's default timeout is tighter than that.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    _quiet_prefect(args.verbose)
+    from prefect_lora_merge.core.options import MergeParameters
+    from prefect_lora_merge.flows import run_merge
+
+    params = MergeParameters(
+        base=args.base,
+        adapter=args.adapter,
+        output=args.output,
+        device=args.device,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        storage_options=storage_options,
+    )
+    summary = run_merge(params)
+    if args.json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        print(
+            f"merged {summary.shards} shard(s), {summary.tensors_touched} tensor(s) changed, "
+            f"{summary.bytes_written / 1e9:.2f} GB written in {summary.seconds:.1f} s -> {summary.output}"
+        )
+        print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")
+        for decision in summary.decisions:
+            print(f"note: {decision}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    from prefect_lora_merge.core.plan import make_plan
+
+    plan = make_plan(args.base, args.adapter, args.output, device=args.device, storage_options=storage_options)
+    adapter = plan.job.adapter
+    rows = [
+        {
+            "shard": s.file,
+            "tensors": len(s.tensors),
+            "touched": len(s.touched),
+            "bytes": s.base_size,
+            "estimated_peak_bytes": s.peak_bytes(adapter),
+            "updates": {t.name: [u.kind if u.kind != "delta" else u.form for u in t.updates] for t in s.touched},
+        }
+        for s in plan.shards
+    ]
+    if args.json:
+        print(json.dumps({"summary": plan.summary(), "shards": rows}, indent=2))
+        return 0
+    width = max(len(r["shard"]) for r in rows)
+    print(f"{'shard':<{width}}  tensors  touched      bytes  peak memory")
+    for r in rows:
+        print(
+            f"{r['shard']:<{width}}  {r['tensors']:>7}  {r['touched']:>7}  {_size(r['bytes']):>9}  "
+            f"{_size(r['estimated_peak_bytes']):>11}"
+        )
+    s = plan.summary()
+    print(
+        f"total: {s['shards']} shards ({s['shards_touched']} touched), {s['tensors_touched']} of {s['tensors']} "
+        f"tensors changed by {s['adapter_tensors']} adapter tensors, {_size(s['bytes'])}; estimated peak memory "
+        f"per shard task {_size(s['estimated_peak_bytes'])}"
+    )
+    for decision in plan.decisions:
+        print(f"note: {decision}")
+    print("dry run: nothing was written")
+    return 0
+
+
+def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    from prefect_lora_merge.core.errors import ValidationFailed
+    from prefect_lora_merge.core.plan import make_plan
+    from prefect_lora_merge.core.storage import Location
+    from prefect_lora_merge.core.validate import validate_output
+
+    if bool(args.base) != bool(args.adapter):
+        raise LoraMergeError("validate needs both --base and --adapter, or neither")
+    plan = make_plan(args.base, args.adapter, args.output, storage_options=storage_options) if args.base else None
+    output = plan.job.output if plan else Location.parse(args.output, storage_options, what="--output")
+    report = validate_output(output, plan)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        for failure in report.failures:
+            print(f"FAIL {failure}")
+        checked = ", ".join(f"{v} {k}" for k, v in report.checks.items())
+        print(f"{'passed' if report.passed else 'FAILED'}: {checked} ({report.seconds:.1f} s)")
+    if not report.passed:
+        raise ValidationFailed(report.failures)
+    return 0
+
+
+def _demo(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    _quiet_prefect(args.verbose)
+    from prefect_lora_merge.demo import run_demo
+
+    print(run_demo(args.workdir, workers=args.workers))
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

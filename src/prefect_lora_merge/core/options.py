@@ -1,0 +1,29 @@
+"""The merge's parameters: one validated model shared by the CLI, the Prefect flow and deployments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class MergeParameters(BaseModel):
+    """What to merge into what, and how. Storage credentials belong in the environment, not here: these
+    parameters are stored by Prefect and shown in its UI."""
+
+    base: str = Field(description="Base checkpoint directory or URI (safetensors shards + index + config.json).")
+    adapter: str = Field(description="PEFT LoRA adapter directory or URI (adapter_config.json + weights).")
+    output: str = Field(description="Where the merged checkpoint goes; never inside the base or adapter.")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]: where touched tensors are computed.")
+    workers: int = Field(2, ge=1, le=256, description="Shards merged at the same time.")
+    overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], not {value!r}")
+        return value

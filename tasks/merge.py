@@ -1,0 +1,59 @@
+"""The four steps of a merge as Prefect tasks. Each is a call into `prefect_lora_merge.core`, nothing more."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from prefect_lora_merge.core.consolidate import Manifest, consolidate, prepare_output
+from prefect_lora_merge.core.errors import LoraMergeError, StorageError
+from prefect_lora_merge.core.merge import ShardReceipt, merge_shard
+from prefect_lora_merge.core.options import MergeParameters
+from prefect_lora_merge.core.pipeline import finish_validation
+from prefect_lora_merge.core.plan import MergeJob, MergePlan, ShardPlan, make_plan
+from prefect_lora_merge.core.validate import ValidationReport
+
+
+def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    """Retry storage hiccups and unexpected errors; a bad input fails the same way every time, so never retry it."""
+    try:
+        state.result()
+    except StorageError:
+        return True
+    except LoraMergeError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="plan-merge", cache_policy=NO_CACHE)
+def plan_merge(params: MergeParameters) -> MergePlan:
+    """Read headers and the adapter, refuse bad inputs before anything is written, and ready the output."""
+    plan = make_plan(
+        params.base, params.adapter, params.output, device=params.device, storage_options=params.storage_options
+    )
+    prepare_output(plan, overwrite=params.overwrite)
+    return plan
+
+
+@task(
+    name="merge-shard",
+    task_run_name="merge-{shard.file}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+)
+def merge_one_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
+    return merge_shard(job, shard)
+
+
+@task(name="consolidate", cache_policy=NO_CACHE)
+def consolidate_output(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
+    return consolidate(plan, receipts)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_merge(plan: MergePlan) -> ValidationReport:
+    return finish_validation(plan)

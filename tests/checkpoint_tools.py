@@ -1,0 +1,56 @@
+"""Helpers that damage checkpoints and adapters on purpose, and read them back, for tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+
+def read_raw_header(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def write_raw_header(path: Path, header: dict, body: bytes) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def shards(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("*.safetensors"))
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under a directory: to prove inputs were never written."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+def copy_adapter(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_adapter_tensors(adapter_dir: Path, edit) -> None:
+    """Apply `edit(dict)` to the adapter's tensors and save them back."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def edit_adapter_config(adapter_dir: Path, **changes) -> None:
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
