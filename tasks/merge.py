@@ -27,7 +27,7 @@ def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry
     return False
 
 
-@task(name="plan-merge", cache_policy=NO_CACHE)
+@task(name="plan-merge", task_run_name="plan", cache_policy=NO_CACHE)
 def plan_merge(params: MergeParameters) -> MergePlan:
     """Read headers and the adapter, refuse bad inputs before anything is written, and ready the output."""
     plan = make_plan(
@@ -49,11 +49,11 @@ def merge_one_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     return merge_shard(job, shard)
 
 
-@task(name="consolidate", cache_policy=NO_CACHE)
+@task(name="consolidate", task_run_name="consolidate", cache_policy=NO_CACHE)
 def consolidate_output(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
     return consolidate(plan, receipts)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate", task_run_name="validate", cache_policy=NO_CACHE)
 def validate_merge(plan: MergePlan) -> ValidationReport:
     return finish_validation(plan)

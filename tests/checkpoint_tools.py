@@ -54,3 +54,23 @@ def edit_adapter_config(adapter_dir: Path, **changes) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def write_checkpoint(directory: Path, tensors: dict, *, config: dict | None = None) -> Path:
+    """A one-shard safetensors checkpoint with exactly these tensor names (no model class needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config or {"model_type": "test", "tie_word_embeddings": False}))
+    return directory
+
+
+def write_adapter(directory: Path, tensors: dict, **config) -> Path:
+    """A PEFT-format LoRA adapter: keys get the `base_model.model.` prefix PEFT writes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **config})
+    )
+    return directory

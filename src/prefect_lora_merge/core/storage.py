@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import LoraMergeError, OutputLocationError, StorageError
 
@@ -136,6 +137,20 @@ class Location:
             except BaseException:
                 if os.path.exists(temp):
                     os.unlink(temp)
+                raise
+            return
+        if isinstance(fs, MemoryFileSystem):
+            # memory:// commits on open whatever autocommit says; a hidden sibling plus a move is atomic there.
+            temp = posixpath.join(
+                posixpath.dirname(target), f".{posixpath.basename(target)}.partial-{uuid.uuid4().hex}"
+            )
+            try:
+                with fs.open(temp, "wb") as handle:
+                    yield handle
+                fs.mv(temp, target)
+            except BaseException:
+                if fs.exists(temp):
+                    fs.rm(temp)
                 raise
             return
         handle = fs.open(target, "wb", autocommit=False)

@@ -1,0 +1,51 @@
+"""Storage: a write either lands whole under its final name or not at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefect_lora_merge.core.errors import OutputLocationError
+from prefect_lora_merge.core.storage import Location, refuse_output_inside_inputs
+
+
+@pytest.mark.parametrize("uri", ["local", "memory://lora-merge-test/atomic"])
+def test_a_write_that_raises_leaves_nothing_under_the_final_name(uri, tmp_path):
+    location = Location.parse(str(tmp_path / "out") if uri == "local" else uri)
+    with pytest.raises(RuntimeError, match="boom"):
+        with location.atomic_writer("shard.safetensors") as handle:
+            handle.write(b"x" * 1_000_000)
+            raise RuntimeError("boom")
+    assert not location.exists("shard.safetensors")
+    assert location.list_files() == []  # no temp file left behind either
+    location.write_bytes("shard.safetensors", b"abc")
+    assert location.read_bytes("shard.safetensors") == b"abc"
+
+
+def test_a_short_ranged_read_is_an_error_not_data(tmp_path):
+    location = Location.parse(str(tmp_path))
+    location.write_bytes("f", b"0123456789")
+    assert location.read_bytes("f", 2, 5) == b"234"
+    with pytest.raises(Exception, match="shorter than its header says"):
+        location.read_bytes("f", 5, 20)
+
+
+@pytest.mark.parametrize(
+    ("output", "refused"),
+    [("base", True), ("base/sub", True), (".", True), ("adapter/x", True), ("elsewhere", False), ("base-2", False)],
+)
+def test_output_may_not_overlap_an_input(tmp_path, output, refused):
+    base, adapter = Location.parse(str(tmp_path / "base")), Location.parse(str(tmp_path / "adapter"))
+    out = Location.parse(str(tmp_path / output))
+    if refused:
+        with pytest.raises(OutputLocationError, match="overlaps"):
+            refuse_output_inside_inputs(out, base=base, adapter=adapter)
+    else:
+        refuse_output_inside_inputs(out, base=base, adapter=adapter)
+
+
+def test_symlinked_output_into_the_base_is_refused(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    base, adapter = Location.parse(str(tmp_path / "base")), Location.parse(str(tmp_path / "adapter"))
+    with pytest.raises(OutputLocationError):
+        refuse_output_inside_inputs(Location.parse(str(tmp_path / "link" / "out")), base=base, adapter=adapter)
