@@ -460,6 +460,11 @@ def _plan_updates(
     updates: dict[str, list[Update]] = defaultdict(list)
     usage: dict[str, list[str]] = {}
     config_updates: dict[str, int] = {}
+    replaced_shapes: dict[str, tuple[int, ...]] = {}
+
+    def shape_of(target: str) -> tuple[int, ...]:
+        """A tensor's shape as later updates see it: after a full replacement (a resized embedding, say)."""
+        return replaced_shapes.get(target, resolver.catalog[target].shape)
 
     def add(target: str, update: Update) -> None:
         updates[target].append(update)
@@ -483,13 +488,14 @@ def _plan_updates(
             else:
                 problems.append(f"{key}: shape {list(new_shape)} does not fit {target} {list(base_shape)}")
                 continue
+        replaced_shapes[target] = tuple(new_shape)
         add(target, Update(kind="replace", module=name, adapter_tensors=(key,)))
 
     for group in groups.values():
-        problems += _plan_group(group, adapter, resolver, add)
+        problems += _plan_group(group, adapter, resolver, add, shape_of)
 
     for key, module in token_keys:
-        problems += _plan_tokens(key, module, adapter, resolver, add)
+        problems += _plan_tokens(key, module, adapter, resolver, add, shape_of)
 
     # PEFT merges module by module in model order; on a tied tensor the embedding's own updates come before the
     # ones redirected from lm_head. Within that: full replacements, then deltas, then token rows.
@@ -518,7 +524,7 @@ def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[
     return {}
 
 
-def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: Any) -> list[str]:
+def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: Any, shape_of: Any) -> list[str]:
     module = group.module
     if group.A is None or group.B is None:
         present = [k for k in (group.A, group.B, group.B_bias, group.magnitude) if k]
@@ -540,7 +546,7 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
     target, why = resolver.resolve(weight_name)
     if target is None:
         return [f"{group.A}: {why}"]
-    base_shape = resolver.catalog[target].shape
+    base_shape = shape_of(target)
     rank = A.shape[0]
     alpha, scale = cfg.scale(plain, rank)
     keys = (group.A, group.B)
@@ -588,7 +594,7 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
                 f"{group.B_bias}: lora_bias is set but the base has no bias for {plain} ({why}); PEFT cannot merge "
                 "this either"
             )
-        elif resolver.catalog[bias].shape != adapter.tensors[group.B_bias].shape:
+        elif shape_of(bias) != adapter.tensors[group.B_bias].shape:
             problems.append(f"{group.B_bias}: shape does not fit {bias}")
         else:
             add(
@@ -696,7 +702,9 @@ def _parameter_layout(
     return None
 
 
-def _plan_tokens(key: str, module: str, adapter: AdapterIndex, resolver: _Resolver, add: Any) -> list[str]:
+def _plan_tokens(
+    key: str, module: str, adapter: AdapterIndex, resolver: _Resolver, add: Any, shape_of: Any
+) -> list[str]:
     indices_cfg = adapter.config.trainable_token_indices
     if isinstance(indices_cfg, dict):
         matching = [v for k, v in indices_cfg.items() if module == k or module.endswith("." + k)]
@@ -708,7 +716,7 @@ def _plan_tokens(key: str, module: str, adapter: AdapterIndex, resolver: _Resolv
     target, why = resolver.resolve(f"{module}.weight")
     if target is None:
         return [f"{key}: {why}"]
-    rows, cols = resolver.catalog[target].shape[:2]
+    rows, cols = shape_of(target)[:2]
     delta = adapter.tensors[key].shape
     if tuple(delta) != (len(indices), cols) or any(i < 0 or i >= rows for i in indices):
         return [f"{key}: {len(indices)} token rows of width {delta[-1]} do not fit {target} [{rows}, {cols}]"]
