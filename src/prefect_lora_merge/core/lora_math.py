@@ -18,64 +18,67 @@ Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compu
 
 
 def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetch) -> torch.Tensor:
-    """Apply the updates to an fp32 base tensor, in plan order; returns the fp32 result."""
+    """Apply the updates to an fp32 base tensor, in plan order; returns the fp32 result.
+
+    `weight` is modified in place (the caller hands over a private copy): with the delta that is two tensors of
+    the base's size in fp32, the least this arithmetic can hold. In-place `add_`/`mul_` give the same bits as
+    PEFT's out-of-place `W + ΔW` and `(B @ A) * s`.
+    """
     for update in updates:
         if update.kind == "replace":
-            weight = fetch(update.adapter_tensors[0]).to(torch.float32).clone()
+            weight = fetch(update.adapter_tensors[0]).to(torch.float32, copy=True)
         elif update.kind == "rows":
             index = torch.tensor(update.indices, dtype=torch.long, device=weight.device)
-            weight = weight.index_copy(0, index, fetch(update.adapter_tensors[0]).to(weight))
+            weight.index_copy_(0, index, fetch(update.adapter_tensors[0]).to(weight))
         else:
             delta = delta_weight(update, fetch)
+            weight.add_(delta)
             if update.magnitude:
-                weight = _dora(weight, delta, fetch(update.magnitude), update.form)
-            else:
-                weight = weight + delta
+                _dora_rescale(weight, fetch(update.magnitude), update.form)
+            del delta
     return weight
 
 
 def delta_weight(update: Update, fetch: Fetch) -> torch.Tensor:
-    """The update's ΔW in the base tensor's own layout, scaling included."""
+    """The update's ΔW in the base tensor's own layout, scaling included (a new tensor the caller may modify)."""
     s = update.scale
     if update.form == "bias":
         return fetch(update.adapter_tensors[0]) * s
     A, B = (fetch(k) for k in update.adapter_tensors)
     if update.form == "linear":
-        return (B @ A) * s
+        return (B @ A).mul_(s)
     if update.form in ("linear_t", "embedding"):
-        return (B @ A).T * s
+        return (B @ A).T.mul_(s)
     if update.form == "conv":
         if A.shape[2:] == (1,) * (A.dim() - 2) and A.dim() == 4:
-            return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * s
+            return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3).mul_(s)
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
-        return conv(A.transpose(0, 1), B).transpose(0, 1) * s
+        return conv(A.transpose(0, 1), B).transpose(0, 1).mul_(s)
     experts = update.num_experts
     assert experts is not None
     A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
     B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
     if update.form == "experts":
         pattern = "o r e, e r i -> e o i" if update.experts_layout == "eoi" else "o r e, e r i -> e i o"
-        return torch.einsum(pattern, B3, A3) * s
+        return torch.einsum(pattern, B3, A3).mul_(s)
     # One expert's slice of the fused delta, for checkpoints that store experts as separate Linear weights.
     assert update.expert is not None and update.rows is not None
     start, end = update.rows
-    return (B3[start:end, :, update.expert] @ A3[update.expert]) * s
+    return (B3[start:end, :, update.expert] @ A3[update.expert]).mul_(s)
 
 
-def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> torch.Tensor:
-    """W' = m / ||W + ΔW|| ⊙ (W + ΔW), the norm taken the way PEFT's DoRA layer for this module type takes it."""
+def _dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> None:
+    """W' = m / ||W + ΔW|| ⊙ (W + ΔW), in place on `combined` = W + ΔW, the norm taken the way PEFT's DoRA layer
+    for this module type takes it."""
     if form == "linear":
-        norm = torch.linalg.norm(weight + delta, dim=1)
-        return (magnitude / norm).view(-1, 1) * (weight + delta)
-    if form == "linear_t":  # weight stored (in, out): the norm is per output column
-        norm = torch.linalg.norm(weight.T + delta.T, dim=1)
-        return (magnitude / norm).view(-1, 1).T * (weight + delta)
-    if form == "embedding":
-        norm = torch.linalg.norm(weight.T + delta.T, dim=1)
-        return (magnitude / norm).view(1, -1) * (weight + delta)
-    if form == "conv":
-        dims = tuple(range(1, weight.dim()))
-        norm = (weight + delta).norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+        combined.mul_((magnitude / torch.linalg.norm(combined, dim=1)).view(-1, 1))
+    elif form == "linear_t":  # stored (in, out): one norm per output column
+        combined.mul_((magnitude / torch.linalg.norm(combined.T, dim=1)).view(-1, 1).T)
+    elif form == "embedding":
+        combined.mul_((magnitude / torch.linalg.norm(combined.T, dim=1)).view(1, -1))
+    elif form == "conv":
+        norm = combined.norm(p=2, dim=tuple(range(1, combined.dim())), keepdim=True).transpose(1, 0)
         factor = magnitude.reshape(norm.shape) / norm
-        return factor.view(-1, *([1] * (weight.dim() - 1))) * (weight + delta)
-    raise ValueError(f"DoRA is not defined for {form} updates")
+        combined.mul_(factor.view(-1, *([1] * (combined.dim() - 1))))
+    else:
+        raise ValueError(f"DoRA is not defined for {form} updates")

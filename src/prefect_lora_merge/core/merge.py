@@ -131,11 +131,14 @@ def _merge_tensor(
         # The read buffer is immutable bytes; the fp32 copy made right away is what gets modified.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         base = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    weight = base.reshape(planned.base.shape).to(device=device, dtype=torch.float32)
+    # A private fp32 copy: the merge works on it in place, and the read buffer behind `base` is immutable.
+    weight = base.reshape(planned.base.shape).to(device=device, dtype=torch.float32, copy=True)
+    finite_base = bool(torch.isfinite(weight).all())
+    del base
     merged = merged_tensor(weight, planned.updates, fetch)
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
-    if not torch.isfinite(merged).all() and torch.isfinite(weight).all():
+    if finite_base and not torch.isfinite(merged).all():
         raise LoraMergeError(
             f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
             f"{', '.join(u.module for u in planned.updates)} are broken (NaN or huge values)"
