@@ -79,8 +79,16 @@ def test_output_holding_another_merge_is_refused_unless_overwrite(llama_case, tm
     with pytest.raises(OutputLocationError, match="already holds a merge of other inputs"):
         run_merge(_params(llama_case, out, adapter=str(other)))
     assert (out / "lora-merge-manifest.json").read_bytes() == first_manifest, "a refused run must leave it as it was"
+    (out / "stale-from-the-old-merge.safetensors").write_bytes(b"x")
+    manifest = json.loads((out / "lora-merge-manifest.json").read_text())
+    manifest["files"]["stale-from-the-old-merge.safetensors"] = {"bytes": 1, "sha256": "0" * 64}
+    (out / "lora-merge-manifest.json").write_text(json.dumps(manifest))
     assert run_merge(_params(llama_case, out, adapter=str(other), overwrite=True)).validation_passed
-    assert (out / "lora-merge-manifest.json").read_bytes() != first_manifest
+    assert not (out / "stale-from-the-old-merge.safetensors").exists(), "files of the replaced merge are removed"
+    assert (
+        json.loads((out / "lora-merge-manifest.json").read_bytes())["fingerprint"]
+        != json.loads(first_manifest)["fingerprint"]
+    )
 
 
 def test_cli_run_then_validate_against_base_and_adapter(llama_case, tmp_path, capsys):

@@ -71,6 +71,11 @@ def prepare_output(plan: MergePlan, *, overwrite: bool = False) -> None:
             f"merge {plan.fingerprint[:12]}); pass --overwrite to replace it or choose another --output"
         )
     output.remove(MANIFEST_FILE)
+    # Files of the replaced merge that this one will not write (a base with fewer shards, say) would otherwise
+    # linger beside the new index.
+    ours = {s.file for s in plan.shards} | set(plan.extra_files) | {INDEX_FILE}
+    for name in sorted(set(previous.files) - ours):
+        output.remove(name)
 
 
 def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
