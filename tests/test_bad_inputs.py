@@ -163,3 +163,19 @@ def test_console_script_prints_exactly_one_error_line_and_exits_non_zero(inputs)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lora-merge: error:") and shard.name in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_an_adapter_with_nan_values_fails_the_merge_naming_the_module(capsys, inputs):
+    base, adapter, out = inputs
+    key = "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"
+
+    def poison(tensors):
+        tensors[key][0, 0] = float("nan")
+
+    edit_adapter_tensors(adapter, poison)
+    before = tree_digest(base)
+    code, message = run_cli(capsys, "run", "--base", str(base), "--adapter", str(adapter), "--output", str(out))
+    assert code == 1 and "NaN/Inf" in message and "model.layers.1.self_attn.o_proj" in message
+    assert not (out / "lora-merge-manifest.json").exists(), "a failed merge is never published as complete"
+    assert not list(out.glob(".*partial*")), "no temporary file is left behind"
+    assert tree_digest(base) == before

@@ -6,6 +6,7 @@ close to max(read, compute, write) rather than their sum, and memory stays bound
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import queue
@@ -51,6 +52,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
+def keep_large_buffers_off_the_heap() -> None:
+    """Make glibc serve every allocation of 4 MiB or more with its own mmap, returned to the OS on free.
+
+    A merge allocates and frees buffers of tens of MiB, from two threads. glibc's adaptive threshold otherwise puts
+    them on heap arenas that fragment and never shrink: measured on a 2 GB llama, peak RSS grew with the shard size
+    (981 MiB at 500 MB shards) instead of staying near the working set (554 MiB with this setting).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators behave differently anyway
+        pass
+
+
 @dataclass
 class _Segment:
     tensor: PlannedTensor | None  # None: raw bytes of untouched tensors
@@ -60,6 +76,7 @@ class _Segment:
 def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], None] | None = None) -> ShardReceipt:
     """Write the merged version of one base shard to the output, atomically; return its receipt."""
     started = time.perf_counter()
+    keep_large_buffers_off_the_heap()
     device = resolve_device(job.device)
     base = job.base
     header = read_header(base, shard.file)
@@ -133,17 +150,25 @@ def _merge_tensor(
         base = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
     # A private fp32 copy: the merge works on it in place, and the read buffer behind `base` is immutable.
     weight = base.reshape(planned.base.shape).to(device=device, dtype=torch.float32, copy=True)
-    finite_base = bool(torch.isfinite(weight).all())
+    finite_base = _all_finite(weight)
     del base
     merged = merged_tensor(weight, planned.updates, fetch)
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
-    if finite_base and not torch.isfinite(merged).all():
+    if finite_base and not _all_finite(merged):
         raise LoraMergeError(
             f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
             f"{', '.join(u.module for u in planned.updates)} are broken (NaN or huge values)"
         )
     return merged.to(dtype=dtype).cpu()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf. One min/max reduction (NaN propagates into both): ~17× faster than isfinite().all() on CPU."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int]]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from .consolidate import MANIFEST_FILE, Manifest, read_manifest
 from .errors import LoraMergeError
+from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .safetensors_format import ShardHeader, read_header
 from .storage import COPY_CHUNK_BYTES, Location
@@ -27,6 +28,7 @@ class ValidationReport(BaseModel):
 def validate_output(output: Location, plan: MergePlan | None = None) -> ValidationReport:
     """Structure and integrity always; structure against the plan and adapter coverage when a plan is given."""
     started = time.perf_counter()
+    keep_large_buffers_off_the_heap()
     failures: list[str] = []
     checks: Counter[str] = Counter()
     manifest = _manifest(output, failures)
