@@ -21,7 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraMergeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; committed shards are kept, re-run the same command to finish")
+        _fail("interrupted; nothing incomplete was published, re-run the same command to finish")
+    except Exception as exc:
+        if getattr(args, "verbose", False):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (re-run with --verbose for the traceback, and report it)")
     return 1
 
 
@@ -44,12 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
 
     run = sub.add_parser("run", help="merge through the Prefect flow")
     inputs(run, output_help="where the merged checkpoint goes")
     run.add_argument("--workers", type=_positive, default=2, help="shards merged at once (default: 2)")
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
-    run.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     run.set_defaults(handler=_run)
 
     plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
@@ -62,12 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--adapter", help="PEFT adapter (with --base)")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.add_argument("--verbose", action="store_true", help="show full tracebacks")
     validate.set_defaults(handler=_validate)
 
     demo = sub.add_parser("demo", help="build a tiny model and adapter, merge them through the flow, check vs PEFT")
     demo.add_argument("--workdir", default="demo-output", help="where the demo's files go (default: ./demo-output)")
     demo.add_argument("--workers", type=_positive, default=2)
-    demo.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    demo.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
     demo.set_defaults(handler=_demo)
     return parser
 
