@@ -66,8 +66,8 @@ def lora_merge(params: MergeParameters) -> MergeSummary:
             f"{len(failures)} of {len(plan.shards)} shard(s) failed (the others are written; re-run to finish): "
             + "; ".join(failures[:3])
         )
-    consolidate_output(plan, receipts)
-    report = validate_merge(plan)
+    manifest = consolidate_output(plan, receipts)
+    report = validate_merge(plan, manifest)
     return MergeSummary(
         output=plan.job.output.uri,
         fingerprint=plan.fingerprint,

@@ -10,7 +10,7 @@ from checkpoint_tools import tree_digest, write_adapter, write_checkpoint
 from peft.utils.other import get_pattern_key
 
 from prefect_lora_merge.core.adapter import pattern_key
-from prefect_lora_merge.core.errors import AdapterMismatchError
+from prefect_lora_merge.core.errors import AdapterError, AdapterMismatchError
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 
@@ -136,3 +136,104 @@ def test_a_pickle_that_is_not_plain_tensors_is_refused(tmp_path):
     base = write_checkpoint(tmp_path / "base", {"model.layers.0.q_proj.weight": torch.randn(8, 8)})
     with pytest.raises(Exception, match="weights_only=True"):
         make_plan(str(base), str(adapter), str(tmp_path / "out"))
+
+
+def _scales(plan) -> dict[str, float]:
+    return {t.name: t.updates[0].scale for s in plan.shards for t in s.touched}
+
+
+PATTERNS = {"rank_pattern": {"layers.0.q_proj": 2}, "alpha_pattern": {"q_proj": 16}}
+
+
+@pytest.mark.parametrize(
+    ("peft_version", "expected_scale"),
+    [
+        # <= 0.13: one key from rank_pattern + alpha_pattern together; "layers.0.q_proj" wins, it has no alpha
+        ("0.13.2", 2.0),
+        # >= 0.14: alpha_pattern is matched on its own
+        ("0.14.0", 8.0),
+        ("0.21.2", 8.0),
+    ],
+)
+def test_alpha_follows_the_pattern_rule_of_the_peft_version_that_saved_the_adapter(
+    tmp_path, peft_version, expected_scale
+):
+    plan = plan_for(
+        tmp_path, ["model.layers.0.q_proj.weight"], ["model.layers.0.q_proj"], peft_version=peft_version, **PATTERNS
+    )
+    assert _scales(plan) == {"model.layers.0.q_proj.weight": expected_scale}
+
+
+def test_an_unversioned_config_whose_patterns_mean_different_things_per_version_is_refused(tmp_path):
+    with pytest.raises(AdapterError, match='add "peft_version"'):
+        plan_for(tmp_path, ["model.layers.0.q_proj.weight"], ["model.layers.0.q_proj"], peft_version=None, **PATTERNS)
+
+
+def test_an_unversioned_config_is_fine_where_every_rule_agrees(tmp_path):
+    plan = plan_for(
+        tmp_path,
+        ["model.layers.0.q_proj.weight"],
+        ["model.layers.0.q_proj"],
+        peft_version=None,
+        alpha_pattern={"q_proj": 16},
+    )
+    assert _scales(plan) == {"model.layers.0.q_proj.weight": 8.0}
+
+
+def test_dora_config_without_magnitudes_is_refused_rather_than_merged_as_plain_lora(tmp_path):
+    with pytest.raises(AdapterMismatchError, match="use_dora=True but model.layers.0.q_proj has no DoRA magnitude"):
+        plan_for(tmp_path, ["model.layers.0.q_proj.weight"], ["model.layers.0.q_proj"], use_dora=True)
+
+
+def test_a_bare_target_parameter_name_does_not_capture_a_linear_module_of_that_name(tmp_path):
+    plan = plan_for(
+        tmp_path,
+        ["model.layers.0.mlp.down_proj.weight"],
+        ["model.layers.0.mlp.down_proj"],
+        target_modules=["down_proj"],
+        target_parameters=["down_proj"],
+    )
+    assert list(targets(plan)) == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_a_trained_lm_head_copy_on_a_tied_checkpoint_is_refused(tmp_path):
+    import zoo
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    base, adapter = zoo._dirs(tmp_path, "tied")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(zoo._tiny_llama_config(tie_word_embeddings=True))
+    zoo._save_base(model, base, torch.float32)
+    zoo._build_adapter(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        adapter,
+        seed=3,
+        notes=[],
+    )
+    with pytest.raises(AdapterMismatchError, match="trained its own copy of lm_head .* tied to model.embed_tokens"):
+        make_plan(str(base), str(adapter), str(tmp_path / "out"))
+
+
+def test_a_merged_output_can_be_the_base_of_the_next_merge(llama_case, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(first), device="cpu")
+    result = merge_checkpoint(str(first), str(llama_case.adapter_dir), str(second), device="cpu")
+    assert result.report.passed
+    assert "lora-merge-manifest.json" not in result.plan.extra_files
+
+
+def test_an_adapter_replaced_after_planning_is_not_merged(llama_case, tmp_path):
+    import os
+
+    from prefect_lora_merge.core.errors import LoraMergeError
+    from prefect_lora_merge.core.merge import merge_shard
+
+    adapter = shutil.copytree(llama_case.adapter_dir, tmp_path / "adapter")
+    plan = make_plan(str(llama_case.base_dir), str(adapter), str(tmp_path / "out"))
+    weights = adapter / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(LoraMergeError, match="changed since the merge was planned"):
+        merge_shard(plan.job, plan.shards[0])

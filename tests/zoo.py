@@ -24,6 +24,8 @@ from transformers import (
     CLIPVisionConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -615,6 +617,75 @@ def build_conv_dora(root: Path) -> Case:
     )
 
 
+def build_gpt_oss_experts(root: Path) -> Case:
+    """GPT-OSS stores fused experts (E, in, out) (`is_transposed`); with hidden == intermediate the down_proj is
+    square, so only the architecture, not the shape, says which way the delta goes."""
+    name = "gpt_oss_experts"
+    base_dir, adapter_dir = _dirs(root, name)
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["full_attention"] * 2,
+        tie_word_embeddings=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GptOssForCausalLM(config)
+    _save_base(model, base_dir, torch.float32)
+    notes: list[str] = []
+    lora = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    _build_adapter(model, lora, adapter_dir, seed=13, notes=notes)
+    return Case(
+        name,
+        base_dir,
+        adapter_dir,
+        GptOssForCausalLM,
+        torch.float32,
+        expect_changed=("model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"),
+        notes=notes,
+    )
+
+
+def build_gpt2_mixed_fan_in_fan_out(root: Path) -> Case:
+    """Conv1D and nn.Linear targets in one adapter: PEFT forces fan_in_fan_out per module type and saves the value
+    it set last (False, for lm_head), which is wrong for the square Conv1D `attn.c_proj`."""
+    name = "gpt2_mixed_fan_in_fan_out"
+    base_dir, adapter_dir = _dirs(root, name)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=False)
+    )
+    _save_base(model, base_dir, torch.float32)
+    notes: list[str] = []
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_proj", "lm_head"], fan_in_fan_out=True)
+    _build_adapter(model, lora, adapter_dir, seed=14, notes=notes)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"]
+    notes.append(f"saved fan_in_fan_out={saved}")
+    return Case(
+        name,
+        base_dir,
+        adapter_dir,
+        GPT2LMHeadModel,
+        torch.float32,
+        expect_changed=("transformer.h.0.attn.c_proj.weight", "lm_head.weight"),
+        notes=notes,
+    )
+
+
 CASES: dict[str, Callable[[Path], Case]] = {
     "llama_linear": build_llama_linear,
     "llama_rslora_bf16": build_llama_rslora_bf16,
@@ -630,6 +701,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "mixtral_fused": build_mixtral_fused,
     "conv_1x1": build_conv_1x1,
     "conv_dora": build_conv_dora,
+    "gpt_oss_experts": build_gpt_oss_experts,
+    "gpt2_mixed_fan_in_fan_out": build_gpt2_mixed_fan_in_fan_out,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import re
 from typing import Any
 
@@ -46,22 +47,53 @@ class AdapterConfig(BaseModel):
     peft_version: str | None = None
     base_model_name_or_path: str | None = None
 
-    def scale(self, key: str, rank: int) -> tuple[float, float]:
-        """(alpha, scale) for the module or parameter `key`, by PEFT's pattern rule (first matching key wins)."""
-        alpha = float(self.alpha_pattern[k]) if (k := pattern_key(self.alpha_pattern, key)) else float(self.lora_alpha)
-        return alpha, (alpha / rank**0.5 if self.use_rslora else alpha / rank)
+    def alpha(self, key: str, rule: str) -> float:
+        """lora_alpha for the module or parameter `key` under one of PEFT's pattern rules."""
+        if rule == "0.13":  # one key from rank_pattern + alpha_pattern together, then looked up in alpha_pattern
+            patterns = [*self.rank_pattern, *self.alpha_pattern]
+            chosen = next((k for k in patterns if re.match(rf".*\.{k}$", key)), key)
+            return float(self.alpha_pattern.get(chosen, self.lora_alpha))
+        if rule == "0.14":
+            chosen = next((k for k in self.alpha_pattern if re.match(rf".*\.{k}$", key)), key)
+            return float(self.alpha_pattern.get(chosen, self.lora_alpha))
+        chosen = pattern_key(self.alpha_pattern, key)
+        return float(self.alpha_pattern[chosen]) if chosen else float(self.lora_alpha)
 
-    def pattern_rank(self, key: str) -> int:
-        k = pattern_key(self.rank_pattern, key)
-        return int(self.rank_pattern[k]) if k else int(self.r)
+    def pattern_rule(self) -> str | None:
+        """Which PEFT version's rank/alpha pattern rule made this adapter; None when the config does not say."""
+        match = re.match(r"(\d+)\.(\d+)", self.peft_version or "")
+        if not match:
+            return None
+        version = (int(match[1]), int(match[2]))
+        return "0.13" if version < (0, 14) else "0.14" if version < (0, 15) else "current"
 
 
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """PEFT's `get_pattern_key`: the first key (dict order) for which `(.*\\.)?(key)$` matches the module name."""
+    """PEFT's `get_pattern_key` (0.15+): the first key (dict order) for which `(.*\\.)?(key)$` matches."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def adapter_scale(adapter: AdapterIndex, key: str, rank: int) -> tuple[float, float]:
+    """(alpha, scale) of one module or parameter. The rank comes from the tensors' shapes; alpha from the
+    pattern rule of the PEFT version that saved the adapter. Configs that do not record their version are
+    accepted only where every rule gives the same alpha."""
+    cfg = adapter.config
+    rule = cfg.pattern_rule()
+    if rule is None:
+        alphas = {cfg.alpha(key, r) for r in ("0.13", "0.14", "current")}
+        if len(alphas) > 1:
+            raise AdapterError(
+                f"{adapter.location.describe(CONFIG_FILE)}: alpha for {key} depends on the PEFT version that saved "
+                f"the adapter ({sorted(alphas)}: PEFT changed its rank/alpha pattern rule in 0.14 and 0.15) and the "
+                'config has no peft_version; add "peft_version": "<the version used for training>" to it'
+            )
+        alpha = alphas.pop()
+    else:
+        alpha = cfg.alpha(key, rule)
+    return alpha, (alpha / rank**0.5 if cfg.use_rslora else alpha / rank)
 
 
 def parse_config(raw: dict[str, Any], where: str) -> AdapterConfig:
@@ -182,16 +214,14 @@ def load_adapter_index(location: Location) -> AdapterIndex:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_bin_cached(uri: str, options_key: str, file: str) -> dict[str, torch.Tensor]:
-    import json
-
+def _load_bin_cached(uri: str, options_key: str, file: str, version_key: str) -> dict[str, torch.Tensor]:
     return _read_bin(Location(uri=uri, storage_options=json.loads(options_key)), file)
 
 
 def _load_bin(location: Location, file: str) -> dict[str, torch.Tensor]:
-    import json
-
-    return _load_bin_cached(location.uri, json.dumps(location.storage_options, sort_keys=True), file)
+    # Keyed by the file's version too: a long-lived worker must not merge a replaced adapter from its cache.
+    version = json.dumps(location.version(file), sort_keys=True)
+    return _load_bin_cached(location.uri, json.dumps(location.storage_options, sort_keys=True), file, version)
 
 
 def _read_bin(location: Location, file: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""Consolidation: the index, the non-weight files, and the manifest written last as the commit point."""
+"""Consolidation: the index and the non-weight files; then, once validation has passed, the manifest.
+
+The manifest is the commit point: it is written last, only for an output that passed validation. An output
+without one is unfinished, whatever else it holds.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,9 @@ from pydantic import BaseModel
 
 from .errors import LoraMergeError, OutputLocationError
 from .merge import ShardReceipt
-from .plan import ALGORITHM_VERSION, INDEX_FILE, MergePlan
+from .plan import ALGORITHM_VERSION, INDEX_FILE, MANIFEST_FILE, MergePlan
 from .storage import Location
 
-MANIFEST_FILE = "lora-merge-manifest.json"
 TOOL_NAME = "prefect-lora-merge"
 
 
@@ -79,7 +82,7 @@ def prepare_output(plan: MergePlan, *, overwrite: bool = False) -> None:
 
 
 def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
-    """Write the index and copy the non-weight files, then the manifest, last."""
+    """Write the index and copy the non-weight files; return the manifest to publish once validation passes."""
     output, base = plan.job.output, plan.job.base
     by_file = {r.file: r for r in receipts}
     missing = [s.file for s in plan.shards if s.file not in by_file]
@@ -123,8 +126,12 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
         files=dict(sorted(files.items())),
         shards=sorted(receipts, key=lambda r: r.file),
     )
-    output.write_bytes(MANIFEST_FILE, _json_bytes(manifest.model_dump(mode="json")))
     return manifest
+
+
+def publish_manifest(output: Location, manifest: Manifest) -> None:
+    """The commit point: after this write, readers take the output as a finished merge."""
+    output.write_bytes(MANIFEST_FILE, _json_bytes(manifest.model_dump(mode="json")))
 
 
 def _write(output: Location, name: str, data: bytes) -> FileRecord:

@@ -26,7 +26,7 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
     """
     for update in updates:
         if update.kind == "replace":
-            weight = fetch(update.adapter_tensors[0]).to(torch.float32, copy=True)
+            weight = fetch(update.adapter_tensors[0]).to(weight.dtype, copy=True)
         elif update.kind == "rows":
             index = torch.tensor(update.indices, dtype=torch.long, device=weight.device)
             weight.index_copy_(0, index, fetch(update.adapter_tensors[0]).to(weight))

@@ -88,6 +88,11 @@ def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], No
         raise CheckpointFormatError(
             f"{base.describe(shard.file)} changed since the merge was planned; plan the merge again"
         )
+    adapter = job.adapter
+    if adapter.location.version(adapter.file) != adapter.version:
+        raise LoraMergeError(
+            f"{adapter.location.describe(adapter.file)} changed since the merge was planned; plan the merge again"
+        )
     if shard.layout_unchanged():
         # Same names, dtypes, shapes and offsets: keep the base's header bytes exactly (metadata included).
         header_blob = base.read_bytes(shard.file, 0, header.data_start)
@@ -148,19 +153,23 @@ def _merge_tensor(
         # The read buffer is immutable bytes; the fp32 copy made right away is what gets modified.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         base = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    # A private fp32 copy: the merge works on it in place, and the read buffer behind `base` is immutable.
-    weight = base.reshape(planned.base.shape).to(device=device, dtype=torch.float32, copy=True)
+    # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
+    weight = base.reshape(planned.base.shape).to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
     del base
-    merged = merged_tensor(weight, planned.updates, fetch)
+    merged = merged_tensor(weight, planned.updates, lambda key: fetch(key).to(compute))
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
-    if finite_base and not _all_finite(merged):
+    result = merged.to(dtype=dtype).cpu()
+    # Checked after rounding: an fp16 tensor can overflow to Inf only there.
+    if finite_base and not _all_finite(result):
         raise LoraMergeError(
             f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
-            f"{', '.join(u.module for u in planned.updates)} are broken (NaN or huge values)"
+            f"{', '.join(u.module for u in planned.updates)} are broken (NaN or values beyond {planned.dtype}'s range)"
         )
-    return merged.to(dtype=dtype).cpu()
+    return result
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

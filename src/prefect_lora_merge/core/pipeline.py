@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .consolidate import MANIFEST_FILE, Manifest, consolidate, prepare_output
+from .consolidate import Manifest, consolidate, prepare_output, publish_manifest
 from .errors import ValidationFailed
 from .merge import ShardReceipt, merge_shard
 from .plan import MergePlan, make_plan
@@ -39,14 +39,15 @@ def merge_checkpoint(
     prepare_output(plan, overwrite=overwrite)
     receipts = [merge_shard(plan.job, shard, on_bytes=on_bytes) for shard in plan.shards]
     manifest = consolidate(plan, receipts)
-    report = finish_validation(plan)
+    report = finish_validation(plan, manifest)
     return MergeResult(plan=plan, receipts=receipts, manifest=manifest, report=report)
 
 
-def finish_validation(plan: MergePlan) -> ValidationReport:
-    """Validate a consolidated output; a failure withdraws the manifest so the output is never taken as done."""
-    report = validate_output(plan.job.output, plan)
+def finish_validation(plan: MergePlan, manifest: Manifest) -> ValidationReport:
+    """Validate a consolidated output against its plan and the manifest to be; publish the manifest only if it
+    passes, so a failed output is never taken as done."""
+    report = validate_output(plan.job.output, plan, manifest)
     if not report.passed:
-        plan.job.output.remove(MANIFEST_FILE)
         raise ValidationFailed(report.failures)
+    publish_manifest(plan.job.output, manifest)
     return report

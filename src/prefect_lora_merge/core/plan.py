@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .adapter import AdapterIndex, AdapterTensor, load_adapter_index
+from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
 from .errors import AdapterError, AdapterMismatchError, CheckpointFormatError
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
@@ -55,6 +55,34 @@ EXPERT_SPLITS: dict[str, tuple[tuple[str, ...], ...]] = {
     "down_proj": (("down_proj",), ("w2",)),
 }
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embeddings.weight")
+# transformers models built on GPT-2's Conv1D (weights stored (in, out)), and the module names that are Conv1D.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# Architectures without any Conv1D: a square weight there is nn.Linear whatever fan_in_fan_out says.
+LINEAR_ONLY_HINT = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "deepseek_v2",
+        "deepseek_v3",
+        "kimi_k2",
+        "llava",
+        "olmoe",
+    }
+)
+# transformers MoE blocks whose fused expert weights are stored (E, in, out) (`is_transposed = True`).
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what a touched tensor may be
+MANIFEST_FILE = "lora-merge-manifest.json"
 
 
 class Update(BaseModel):
@@ -249,7 +277,9 @@ def make_plan(
 
 
 def _is_extra_file(name: str) -> bool:
-    if name.startswith("."):
+    """Files of the base that go to the output unchanged: not weights, not hidden, not a previous merge's
+    manifest (a base may itself be a merged output)."""
+    if name.startswith(".") or name == MANIFEST_FILE:
         return False
     return not (name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIXES))
 
@@ -334,6 +364,8 @@ class _Resolver:
         self.config = config
         self.decisions: list[str] = []
         self.tied_redirects: set[str] = set()  # modules whose updates land on the tied embedding
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        self.model_type = str(config.get("model_type") or text.get("model_type") or "")
 
     def resolve(self, name: str) -> tuple[str | None, str | None]:
         """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix."""
@@ -477,6 +509,14 @@ def _plan_updates(
         if target is None:
             problems.append(f"{key}: {why}")
             continue
+        module = name.rpartition(".")[0]
+        if module in resolver.tied_redirects and ".base_layer." not in key:
+            problems.append(
+                f"{key}: the adapter trained its own copy of {module} (modules_to_save) but the base stores it tied "
+                f"to {target}; the merged checkpoint would need an untied {name} the base does not have. Merge "
+                "this adapter with PEFT in memory, or retrain without modules_to_save on a tied module"
+            )
+            continue
         base_shape, new_shape = resolver.catalog[target].shape, adapter.tensors[key].shape
         if new_shape != base_shape:
             if len(new_shape) == 2 and len(base_shape) == 2 and new_shape[1] == base_shape[1]:
@@ -489,7 +529,7 @@ def _plan_updates(
                 problems.append(f"{key}: shape {list(new_shape)} does not fit {target} {list(base_shape)}")
                 continue
         replaced_shapes[target] = tuple(new_shape)
-        add(target, Update(kind="replace", module=name, adapter_tensors=(key,)))
+        add(target, Update(kind="replace", module=module, adapter_tensors=(key,)))
 
     for group in groups.values():
         problems += _plan_group(group, adapter, resolver, add, shape_of)
@@ -499,9 +539,20 @@ def _plan_updates(
 
     # PEFT merges module by module in model order; on a tied tensor the embedding's own updates come before the
     # ones redirected from lm_head. Within that: full replacements, then deltas, then token rows.
+    # A replacement from `base_layer.weight` is the base copy PEFT loads before merging anything, also on a tied
+    # tensor, so it always comes first.
     kind_order = {"replace": 0, "delta": 1, "rows": 2}
     for tensor_updates in updates.values():
-        tensor_updates.sort(key=lambda u: (u.module in resolver.tied_redirects, kind_order[u.kind]))
+        tensor_updates.sort(
+            key=lambda u: (u.kind != "replace", u.module in resolver.tied_redirects, kind_order[u.kind])
+        )
+    for target in updates:
+        dtype = resolver.catalog[target].dtype
+        if dtype not in FLOAT_DTYPES:
+            problems.append(
+                f"{target} is {dtype}: this tool merges into bf16/fp16/fp32/fp64 tensors only (a quantized base "
+                "needs dequantizing first)"
+            )
 
     if problems:
         hint = "check that the adapter was trained on this base model"
@@ -538,31 +589,42 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
     plain = module
     while plain.endswith(".base_layer"):
         plain, depth = plain[: -len(".base_layer")], depth + 1
-    parameters = _targeted_parameters(plain, cfg.target_parameters or [])
-    if parameters:
-        return _plan_parameter(group, plain, parameters, A, B, adapter, resolver, add)
-
     weight_name = f"{plain}.weight"
     target, why = resolver.resolve(weight_name)
+    parameters = _targeted_parameters(plain, cfg.target_parameters or [])
+    # A bare target_parameters entry ("down_proj") also ends an ordinary Linear's name; a module whose weight
+    # exists is a module target.
+    if parameters and target is None:
+        return _plan_parameter(group, plain, parameters, A, B, adapter, resolver, add)
     if target is None:
         return [f"{group.A}: {why}"]
+    if cfg.use_dora != bool(group.magnitude):
+        return [
+            f"{group.A}: adapter_config.json says use_dora={cfg.use_dora} but {plain} "
+            f"{'has no' if cfg.use_dora else 'has a'} DoRA magnitude vector; the adapter is inconsistent "
+            "(merging it either way would silently change the result)"
+        ]
     base_shape = shape_of(target)
     rank = A.shape[0]
-    alpha, scale = cfg.scale(plain, rank)
+    alpha, scale = adapter_scale(adapter, plain, rank)
     keys = (group.A, group.B)
     problems = []
-    if group.embedding:
+    form, expected = None, None
+    if len(A.shape) < 2 or len(B.shape) < 2 or B.shape[1] != rank:
+        pass
+    elif group.embedding:
         form, expected = "embedding", (A.shape[1], B.shape[0])
     elif len(base_shape) >= 3:
         form = "conv"
         expected = (B.shape[0], A.shape[1], *A.shape[2:]) if len(A.shape) == len(base_shape) else None
         if B.shape[2:] and any(d != 1 for d in B.shape[2:]):
             expected = None
-    elif cfg.fan_in_fan_out:
-        form, expected = "linear_t", (A.shape[1], B.shape[0])
     else:
-        form, expected = "linear", (B.shape[0], A.shape[1])
-    if len(A.shape) < 2 or len(B.shape) < 2 or B.shape[1] != rank or expected != tuple(base_shape):
+        form, problem = _linear_orientation(plain, (B.shape[0], A.shape[1]), tuple(base_shape), cfg, resolver)
+        if problem:
+            return [f"{group.A}: {problem}"]
+        expected = tuple(base_shape) if form else None
+    if form is None or expected != tuple(base_shape):
         problems.append(
             f"{group.A}: LoRA A {list(A.shape)} / B {list(B.shape)} give a delta that does not fit {target} "
             f"{list(base_shape)}"
@@ -612,6 +674,30 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
     return problems
 
 
+def _linear_orientation(
+    module: str, delta_shape: tuple[int, int], base_shape: tuple[int, ...], cfg: Any, resolver: _Resolver
+) -> tuple[str | None, str | None]:
+    """("linear" | "linear_t" | None, problem): is the weight stored (out, in) like nn.Linear or (in, out) like
+    GPT-2's Conv1D? PEFT decides per module type (it forces fan_in_fan_out on for Conv1D, off for Linear) and
+    saves whichever value it set last, so the config's flag cannot be trusted for every module."""
+    out_features, in_features = delta_shape
+    as_linear = base_shape == (out_features, in_features)
+    as_conv1d = base_shape == (in_features, out_features)
+    if as_linear and as_conv1d:  # square: the shape cannot tell
+        conv1d = resolver.model_type in CONV1D_MODEL_TYPES and module.rpartition(".")[2] in CONV1D_MODULES
+        if cfg.fan_in_fan_out and not conv1d and resolver.model_type not in LINEAR_ONLY_HINT:
+            return None, (
+                f"cannot tell whether {module} is stored (in, out) like a Conv1D or (out, in) like nn.Linear: "
+                f"fan_in_fan_out is set and model_type {resolver.model_type!r} is not one this tool knows"
+            )
+        return ("linear_t" if conv1d else "linear"), None
+    if as_linear:
+        return "linear", None
+    if as_conv1d:
+        return "linear_t", None
+    return None, None
+
+
 def _targeted_parameters(module: str, target_parameters: list[str]) -> list[str]:
     names = []
     for target in sorted(set(target_parameters)):
@@ -638,9 +724,12 @@ def _plan_parameter(
     for param, found in layouts.items():
         if found is None:
             continue
-        num_experts, out_features, in_features, _ = found
-        if A.shape[1] == in_features and B.shape[0] == out_features and A.shape[0] % num_experts == 0:
-            candidates.append(param)
+        num_experts, d1, d2, targets = found
+        if A.shape[0] % num_experts or not {(B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])} & {(d1, d2)}:
+            continue
+        if not isinstance(targets, str) and (d1, d2) != (B.shape[0], A.shape[1]):
+            continue  # per-expert Linear weights are always (out, in)
+        candidates.append(param)
     if len(candidates) != 1:
         missing = [p for p, f in layouts.items() if f is None]
         why = (
@@ -650,16 +739,20 @@ def _plan_parameter(
         )
         return [f"{group.A}: {why}"]
     param = candidates[0]
-    num_experts, out_features, in_features, targets = layouts[param]
+    num_experts, d1, d2, targets = layouts[param]
     rank = A.shape[0] // num_experts
-    alpha, scale = adapter.config.scale(f"{module}.{param}", rank)
+    alpha, scale = adapter_scale(adapter, f"{module}.{param}", rank)
     keys = (group.A, group.B)
     common = dict(
         module=f"{module}.{param}", adapter_tensors=keys, rank=rank, alpha=alpha, scale=scale, num_experts=num_experts
     )
     if isinstance(targets, str):
-        shape = resolver.catalog[targets].shape
-        layout_name = "eoi" if tuple(shape) == (num_experts, out_features, in_features) else "eio"
+        # (E, out, in) unless the architecture stores (E, in, out) (PEFT follows the module's `is_transposed`);
+        # only a square expert weight leaves the shapes unable to tell.
+        as_eoi = (d1, d2) == (B.shape[0], A.shape[1])
+        as_eio = (d1, d2) == (A.shape[1], B.shape[0])
+        transposed = resolver.model_type in TRANSPOSED_EXPERT_MODEL_TYPES
+        layout_name = "eio" if as_eio and (transposed or not as_eoi) else "eoi"
         add(targets, Update(kind="delta", form="experts", experts_layout=layout_name, **common))
         return []
     for expert, parts in enumerate(targets):

@@ -22,6 +22,7 @@ from .storage import Location
 # The official reader refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
 
+# Tensors of these dtypes can be decoded (and so merged into, or used as adapter weights).
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
     "U8": (torch.uint8, 1),
@@ -39,7 +40,17 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F8_E4M3": (torch.float8_e4m3fn, 1),
     "F8_E5M2": (torch.float8_e5m2, 1),
 }
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Every dtype the official format knows, in bits per element: tensors of any of them are copied byte for byte.
+DTYPE_BITS: dict[str, int] = {
+    **{name: size * 8 for name, (_, size) in DTYPES.items()},
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+    "C64": 64,
+}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -86,7 +97,10 @@ class ShardHeader:
 
 
 def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * DTYPES[dtype][1]
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise CheckpointFormatError(f"a {dtype} tensor of shape {list(shape)} does not fill whole bytes")
+    return bits // 8
 
 
 def read_header(location: Location, file: str, *, file_size: int | None = None) -> ShardHeader:
@@ -107,7 +121,8 @@ def read_header(location: Location, file: str, *, file_size: int | None = None) 
         )
     raw = location.read_bytes(file, 8, 8 + header_len)
     try:
-        parsed = json.loads(raw)
+        # Strict UTF-8: json.loads(bytes) would also accept UTF-16 and a BOM, which the official reader refuses.
+        parsed = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointFormatError(f"{where}: the header is not valid JSON ({exc}); the file is corrupt") from None
     if not isinstance(parsed, dict):
@@ -141,7 +156,7 @@ def _entry(where: str, name: str, spec: object) -> TensorEntry:
     if not isinstance(spec, dict):
         raise CheckpointFormatError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_BITS:
         raise CheckpointFormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise CheckpointFormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
@@ -152,7 +167,10 @@ def _entry(where: str, name: str, spec: object) -> TensorEntry:
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointFormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
-    need = expected_nbytes(dtype, tuple(shape))
+    try:
+        need = expected_nbytes(dtype, tuple(shape))
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{where}: tensor {name!r}: {exc}") from None
     if offsets[1] - offsets[0] != need:
         raise CheckpointFormatError(
             f"{where}: tensor {name!r} ({dtype} {shape}) needs {need} bytes but its data_offsets span "

@@ -25,13 +25,18 @@ class ValidationReport(BaseModel):
     seconds: float
 
 
-def validate_output(output: Location, plan: MergePlan | None = None) -> ValidationReport:
-    """Structure and integrity always; structure against the plan and adapter coverage when a plan is given."""
+def validate_output(
+    output: Location, plan: MergePlan | None = None, manifest: Manifest | None = None
+) -> ValidationReport:
+    """Structure and integrity always; structure against the plan and adapter coverage when a plan is given.
+
+    Checksums are taken from `manifest` when given (a merge about to publish it), else from the output's own."""
     started = time.perf_counter()
     keep_large_buffers_off_the_heap()
     failures: list[str] = []
     checks: Counter[str] = Counter()
-    manifest = _manifest(output, failures)
+    if manifest is None:
+        manifest = _manifest(output, failures)
     index = _index(output, failures)
     if manifest is not None:
         _check_files(output, manifest, failures, checks)
