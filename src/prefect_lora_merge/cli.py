@@ -98,11 +98,11 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    """Prefect's console logs go to stdout, so stderr carries only our one-line error; they are hidden unless
-    --verbose (the Prefect UI/API still gets every log)."""
+    """Prefect's console logs go to stdout, so stderr carries only our one-line error, and only with --verbose:
+    this command reports the outcome itself (the Prefect UI/API still gets every log)."""
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A first ephemeral server start takes ~25 s on 2 cores; Prefect's default timeout is tighter than that.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     else:
         print(
             f"merged {summary.shards} shard(s), {summary.tensors_touched} tensor(s) changed, "
-            f"{summary.bytes_written / 1e9:.2f} GB written in {summary.seconds:.1f} s -> {summary.output}"
+            f"{_size(summary.bytes_written)} written in {summary.seconds:.1f} s -> {summary.output}"
         )
         print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")
         for decision in summary.decisions:

@@ -555,7 +555,7 @@ def _plan_updates(
             )
 
     if problems:
-        hint = "check that the adapter was trained on this base model"
+        hint = "Check that the adapter was trained on this base model"
         if adapter.config.base_model_name_or_path:
             hint += f" (the adapter says it was trained on {adapter.config.base_model_name_or_path!r})"
         raise AdapterMismatchError(
