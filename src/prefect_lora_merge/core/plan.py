@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
-from .errors import AdapterError, AdapterMismatchError, CheckpointFormatError
+from .errors import AdapterMismatchError, CheckpointFormatError
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
 
@@ -26,7 +26,6 @@ from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
 ALGORITHM_VERSION = "1"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-STATE_PREFIX = ".lora-merge"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
@@ -142,9 +141,6 @@ class ShardPlan(BaseModel):
     def layout_unchanged(self) -> bool:
         return all(t.shape == t.base.shape for t in self.tensors)
 
-    def adapter_tensors(self) -> list[str]:
-        return [key for t in self.tensors for u in t.updates for key in update_keys(u)]
-
     def peak_bytes(self, adapter: AdapterIndex) -> int:
         """Working memory of this shard's merge: the largest touched tensor in fp32 three times (base, delta,
         result), its adapter tensors, and one copy buffer."""
@@ -191,12 +187,6 @@ class MergePlan(BaseModel):
     @property
     def estimated_peak_bytes(self) -> int:
         return max((s.peak_bytes(self.job.adapter) for s in self.shards), default=COPY_CHUNK_BYTES)
-
-    def shard(self, file: str) -> ShardPlan:
-        for shard in self.shards:
-            if shard.file == file:
-                return shard
-        raise KeyError(file)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -822,10 +812,3 @@ def _replaced_shape(updates: tuple[Update, ...], adapter: AdapterIndex) -> tuple
         if update.kind == "replace":
             return tuple(adapter.tensors[update.adapter_tensors[0]].shape)
     return None
-
-
-def load_plan(data: str | bytes) -> MergePlan:
-    try:
-        return MergePlan.model_validate_json(data)
-    except Exception as exc:
-        raise AdapterError(f"the stored merge plan cannot be read ({exc}); re-plan the merge") from None

@@ -166,20 +166,6 @@ class Location:
         with self.atomic_writer(name) as handle:
             handle.write(data)
 
-    def write_json(self, name: str, value: Any) -> None:
-        self.write_bytes(name, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
-
-    def copy_in(self, source: Location, name: str) -> str:
-        """Copy `source/name` to `self/name`; server-side when both share a filesystem. Returns how it was copied."""
-        if type(source.fs) is type(self.fs) and source.storage_options == self.storage_options and not self.is_local:
-            self.fs.copy(source.path(name), self.path(name))
-            return "server-side"
-        size = source.size(name)
-        with self.atomic_writer(name) as handle:
-            for start in range(0, size, COPY_CHUNK_BYTES):
-                handle.write(source.read_bytes(name, start, min(size, start + COPY_CHUNK_BYTES)))
-        return "streamed"
-
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name))
