@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError
-from prefect_lora_merge.core.merge import ShardReceipt
 from prefect_lora_merge.core.options import MergeParameters
+from prefect_lora_merge.core.state import ShardReceipt
 from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
 
 

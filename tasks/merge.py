@@ -5,12 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefect_lora_merge.core.consolidate import Manifest, consolidate, prepare_output
+from prefect_lora_merge.core.consolidate import Manifest, consolidate
 from prefect_lora_merge.core.errors import LoraMergeError, StorageError
-from prefect_lora_merge.core.merge import ShardReceipt, merge_shard
+from prefect_lora_merge.core.merge import merge_or_resume_shard
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import finish_validation
 from prefect_lora_merge.core.plan import MergeJob, MergePlan, ShardPlan, make_plan
+from prefect_lora_merge.core.state import ShardReceipt, claim_output
 from prefect_lora_merge.core.validate import ValidationReport
 
 
@@ -33,7 +34,7 @@ def plan_merge(params: MergeParameters) -> MergePlan:
     plan = make_plan(
         params.base, params.adapter, params.output, device=params.device, storage_options=params.storage_options
     )
-    prepare_output(plan, overwrite=params.overwrite)
+    claim_output(plan, overwrite=params.overwrite)
     return plan
 
 
@@ -46,7 +47,8 @@ def plan_merge(params: MergeParameters) -> MergePlan:
     retry_condition_fn=_transient,
 )
 def merge_one_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
-    return merge_shard(job, shard)
+    """Merge one shard, or take its receipt from the output's own record when an earlier run committed it."""
+    return merge_or_resume_shard(job, shard)
 
 
 @task(name="consolidate", task_run_name="consolidate", cache_policy=NO_CACHE)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import LoraMergeError, OutputLocationError
-from .merge import ShardReceipt
+from .errors import LoraMergeError
 from .plan import ALGORITHM_VERSION, INDEX_FILE, MANIFEST_FILE, MergePlan
+from .state import ShardReceipt, ShardRecord
 from .storage import Location
 
 TOOL_NAME = "prefect-lora-merge"
@@ -28,18 +27,20 @@ class FileRecord(BaseModel):
 
 
 class Manifest(BaseModel):
-    """The last file a merge writes: an output without it is not a finished merge."""
+    """The last file a merge writes: an output without it is not a finished merge.
+
+    Deterministic (no times, no per-run details), so a resumed merge publishes the same bytes as one that ran
+    without interruption."""
 
     tool: str = TOOL_NAME
     tool_version: str
     algorithm_version: str = ALGORITHM_VERSION
     fingerprint: str
-    created: float
     base: dict[str, Any]
     adapter: dict[str, Any]
     decisions: list[str]
     files: dict[str, FileRecord]
-    shards: list[ShardReceipt]
+    shards: list[ShardRecord]
 
 
 def tool_version() -> str:
@@ -60,25 +61,6 @@ def read_manifest(output: Location) -> Manifest | None:
         raise
     except Exception as exc:
         raise LoraMergeError(f"{output.describe(MANIFEST_FILE)} is not a valid manifest ({exc})") from None
-
-
-def prepare_output(plan: MergePlan, *, overwrite: bool = False) -> None:
-    """Refuse to mix two different merges in one output; withdraw an old manifest before rewriting anything."""
-    output = plan.job.output
-    previous = read_manifest(output)
-    if previous is None:
-        return
-    if previous.fingerprint != plan.fingerprint and not overwrite:
-        raise OutputLocationError(
-            f"{output.uri} already holds a merge of other inputs (fingerprint {previous.fingerprint[:12]}, this "
-            f"merge {plan.fingerprint[:12]}); pass --overwrite to replace it or choose another --output"
-        )
-    output.remove(MANIFEST_FILE)
-    # Files of the replaced merge that this one will not write (a base with fewer shards, say) would otherwise
-    # linger beside the new index.
-    ours = {s.file for s in plan.shards} | set(plan.extra_files) | {INDEX_FILE}
-    for name in sorted(set(previous.files) - ours):
-        output.remove(name)
 
 
 def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
@@ -113,7 +95,6 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
     manifest = Manifest(
         tool_version=tool_version(),
         fingerprint=plan.fingerprint,
-        created=time.time(),
         base={"uri": base.uri, "shards": {s.file: s.base_size for s in plan.shards}},
         adapter={
             "uri": adapter.location.uri,
@@ -124,7 +105,7 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
         },
         decisions=list(plan.decisions),
         files=dict(sorted(files.items())),
-        shards=sorted(receipts, key=lambda r: r.file),
+        shards=[r.record() for r in sorted(receipts, key=lambda r: r.file)],
     )
     return manifest
 

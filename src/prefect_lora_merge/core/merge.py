@@ -17,29 +17,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel
 
 from .adapter import read_adapter_tensor
 from .errors import CheckpointFormatError, LoraMergeError
 from .lora_math import merged_tensor
 from .plan import MergeJob, PlannedTensor, ShardPlan, update_keys
 from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
+from .state import ShardReceipt, committed_record, write_record
 from .storage import COPY_CHUNK_BYTES
 
 READ_AHEAD_BYTES = 2 * COPY_CHUNK_BYTES
-
-
-class ShardReceipt(BaseModel):
-    """What a finished shard merge reports: small, so it travels through Prefect's result store."""
-
-    file: str
-    bytes: int
-    sha256: str
-    tensors: int
-    touched: list[str]
-    applied: list[str]  # adapter keys, once per application
-    seconds: float
-    device: str
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,15 +60,27 @@ class _Segment:
     data: bytes
 
 
+def merge_or_resume_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
+    """The shard's receipt: from its record when an earlier run of this merge committed it, else by merging it."""
+    record = committed_record(job, shard)
+    if record is not None:
+        return ShardReceipt(**record.model_dump(), seconds=0.0, device="none", resumed=True)
+    return merge_shard(job, shard)
+
+
 def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], None] | None = None) -> ShardReceipt:
-    """Write the merged version of one base shard to the output, atomically; return its receipt."""
+    """Write the merged version of one base shard to the output, atomically, then its record; return the receipt.
+
+    The record is written only after the shard's object is committed, so a record always describes a whole shard.
+    """
     started = time.perf_counter()
     keep_large_buffers_off_the_heap()
     device = resolve_device(job.device)
     base = job.base
     header = read_header(base, shard.file)
     if (
-        header.file_size != shard.base_size
+        base.version(shard.file) != job.base_versions.get(shard.file)
+        or header.file_size != shard.base_size
         or header.header_bytes != shard.base_header_bytes
         or header.tensors != tuple(t.base for t in shard.tensors)
     ):
@@ -133,16 +132,19 @@ def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], No
     if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently
         job.output.remove(shard.file)
         raise LoraMergeError(f"internal error: wrote {written} bytes for {shard.file}, expected {expected}")
-    return ShardReceipt(
+    receipt = ShardReceipt(
         file=shard.file,
         bytes=written,
         sha256=digest.hexdigest(),
+        fingerprint=job.fingerprint,
         tensors=len(shard.tensors),
         touched=[t.name for t in shard.touched],
         applied=applied,
         seconds=time.perf_counter() - started,
         device=str(device),
     )
+    write_record(job.output, receipt.record())
+    return receipt
 
 
 def _merge_tensor(

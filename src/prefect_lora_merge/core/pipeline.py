@@ -6,15 +6,15 @@ the merge in other Python code that does not want Prefect.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from .consolidate import Manifest, consolidate, prepare_output, publish_manifest
+from .consolidate import Manifest, consolidate, publish_manifest
 from .errors import ValidationFailed
-from .merge import ShardReceipt, merge_shard
+from .merge import merge_or_resume_shard
 from .plan import MergePlan, make_plan
+from .state import ShardReceipt, claim_output
 from .validate import ValidationReport, validate_output
 
 
@@ -33,11 +33,10 @@ def merge_checkpoint(
     device: str = "cpu",
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
 ) -> MergeResult:
     plan = make_plan(base, adapter, output, device=device, storage_options=storage_options)
-    prepare_output(plan, overwrite=overwrite)
-    receipts = [merge_shard(plan.job, shard, on_bytes=on_bytes) for shard in plan.shards]
+    claim_output(plan, overwrite=overwrite)
+    receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
     manifest = consolidate(plan, receipts)
     report = finish_validation(plan, manifest)
     return MergeResult(plan=plan, receipts=receipts, manifest=manifest, report=report)

@@ -161,6 +161,7 @@ class MergeJob(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     base: Location
+    base_versions: dict[str, dict[str, Any]]  # shard -> size and ETag/mtime: part of the fingerprint
     adapter: AdapterIndex
     output: Location
     device: str = "cpu"
@@ -224,7 +225,7 @@ def make_plan(
     refuse_output_inside_inputs(output_loc, base=base_loc, adapter=adapter_loc)
 
     files, weight_map, index_metadata, has_index = _base_layout(base_loc)
-    headers = _read_headers(base_loc, files)
+    headers, versions = _read_headers(base_loc, files)
     _check_index(base_loc, headers, weight_map)
     config = base_loc.read_json("config.json") if base_loc.exists("config.json") else {}
     adapter_index = load_adapter_index(adapter_loc)
@@ -251,7 +252,7 @@ def make_plan(
         )
     base_files = set(base_loc.list_files())
     extra = tuple(sorted(f for f in base_files if _is_extra_file(f)))
-    job = MergeJob(base=base_loc, adapter=adapter_index, output=output_loc, device=device)
+    job = MergeJob(base=base_loc, base_versions=versions, adapter=adapter_index, output=output_loc, device=device)
     plan = MergePlan(
         job=job,
         shards=tuple(shards),
@@ -301,10 +302,12 @@ def _base_layout(base: Location) -> tuple[list[str], dict[str, str] | None, dict
     return files, None, {}, False
 
 
-def _read_headers(base: Location, files: list[str]) -> list[ShardHeader]:
+def _read_headers(base: Location, files: list[str]) -> tuple[list[ShardHeader], dict[str, dict[str, Any]]]:
     # Headers are small; on object storage the latency of one ranged read dominates, so read them concurrently.
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        return list(pool.map(lambda f: read_header(base, f), files))
+        headers = list(pool.map(lambda f: read_header(base, f), files))
+        versions = dict(zip(files, pool.map(base.version, files), strict=True))
+    return headers, versions
 
 
 def _check_index(base: Location, headers: list[ShardHeader], weight_map: dict[str, str] | None) -> None:

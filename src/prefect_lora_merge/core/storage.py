@@ -170,6 +170,10 @@ class Location:
         if self.exists(name):
             self.fs.rm(self.path(name))
 
+    def remove_tree(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=True)
+
     # -- relations ----------------------------------------------------------------------------------------------
 
     def _canonical(self) -> str:
