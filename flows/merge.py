@@ -11,8 +11,10 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError
+from prefect_lora_merge.core.lease import output_lease
 from prefect_lora_merge.core.options import MergeParameters
-from prefect_lora_merge.core.state import ShardReceipt
+from prefect_lora_merge.core.plan import MergePlan
+from prefect_lora_merge.core.state import ShardReceipt, claim_output
 from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
 
 
@@ -21,6 +23,8 @@ class MergeSummary(BaseModel):
     fingerprint: str
     shards: int
     tensors_touched: int
+    merged_shards: list[str]
+    resumed_shards: list[str]  # committed by an earlier run of the same merge, skipped
     bytes_written: int
     seconds: float
     validation_passed: bool
@@ -35,8 +39,14 @@ class ShardsFailed(LoraMergeError):
 @flow(name="lora-merge", task_runner=ThreadPoolTaskRunner(max_workers=2), validate_parameters=True)
 def lora_merge(params: MergeParameters) -> MergeSummary:
     started = time.perf_counter()
+    plan = plan_merge(params)  # reads only: bad inputs are refused before anything is written
+    with output_lease(plan.job.output, break_lock=params.break_lock):
+        claim_output(plan, overwrite=params.overwrite)
+        return _merge(plan, started)
+
+
+def _merge(plan: MergePlan, started: float) -> MergeSummary:
     logger = get_run_logger()
-    plan = plan_merge(params)
     logger.info(
         "planned %d shards, %d tensors touched, estimated peak memory %.0f MiB per shard",
         len(plan.shards),
@@ -73,6 +83,8 @@ def lora_merge(params: MergeParameters) -> MergeSummary:
         fingerprint=plan.fingerprint,
         shards=len(plan.shards),
         tensors_touched=sum(len(r.touched) for r in receipts),
+        merged_shards=sorted(r.file for r in receipts if not r.resumed),
+        resumed_shards=sorted(r.file for r in receipts if r.resumed),
         bytes_written=sum(r.bytes for r in receipts),
         seconds=time.perf_counter() - started,
         validation_passed=report.passed,

@@ -11,7 +11,7 @@ from prefect_lora_merge.core.merge import merge_or_resume_shard
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import finish_validation
 from prefect_lora_merge.core.plan import MergeJob, MergePlan, ShardPlan, make_plan
-from prefect_lora_merge.core.state import ShardReceipt, claim_output
+from prefect_lora_merge.core.state import ShardReceipt
 from prefect_lora_merge.core.validate import ValidationReport
 
 
@@ -30,12 +30,10 @@ def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry
 
 @task(name="plan-merge", task_run_name="plan", cache_policy=NO_CACHE)
 def plan_merge(params: MergeParameters) -> MergePlan:
-    """Read headers and the adapter, refuse bad inputs before anything is written, and ready the output."""
-    plan = make_plan(
+    """Read headers and the adapter; refuse bad inputs before anything is written."""
+    return make_plan(
         params.base, params.adapter, params.output, device=params.device, storage_options=params.storage_options
     )
-    claim_output(plan, overwrite=params.overwrite)
-    return plan
 
 
 @task(

@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     inputs(run, output_help="where the merged checkpoint goes")
     run.add_argument("--workers", type=_positive, default=2, help="shards merged at once (default: 2)")
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
+    run.add_argument("--break-lock", action="store_true", help="take the output's lease from a run that is dead")
     run.set_defaults(handler=_run)
 
     plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
@@ -120,14 +121,18 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         device=args.device,
         workers=args.workers,
         overwrite=args.overwrite,
+        break_lock=args.break_lock,
         storage_options=storage_options,
     )
     summary = run_merge(params)
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:
+        resumed = (
+            f" ({len(summary.resumed_shards)} committed by an earlier run, skipped)" if summary.resumed_shards else ""
+        )
         print(
-            f"merged {summary.shards} shard(s), {summary.tensors_touched} tensor(s) changed, "
+            f"merged {summary.shards} shard(s){resumed}, {summary.tensors_touched} tensor(s) changed, "
             f"{_size(summary.bytes_written)} written in {summary.seconds:.1f} s -> {summary.output}"
         )
         print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")

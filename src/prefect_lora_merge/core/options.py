@@ -17,6 +17,7 @@ class MergeParameters(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda[:N]: where touched tensors are computed.")
     workers: int = Field(2, ge=1, le=256, description="Shards merged at the same time.")
     overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
+    break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
     )

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from .consolidate import Manifest, consolidate, publish_manifest
 from .errors import ValidationFailed
+from .lease import output_lease
 from .merge import merge_or_resume_shard
 from .plan import MergePlan, make_plan
 from .state import ShardReceipt, claim_output
@@ -33,12 +34,14 @@ def merge_checkpoint(
     device: str = "cpu",
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    break_lock: bool = False,
 ) -> MergeResult:
     plan = make_plan(base, adapter, output, device=device, storage_options=storage_options)
-    claim_output(plan, overwrite=overwrite)
-    receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
-    manifest = consolidate(plan, receipts)
-    report = finish_validation(plan, manifest)
+    with output_lease(plan.job.output, break_lock=break_lock):
+        claim_output(plan, overwrite=overwrite)
+        receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
+        manifest = consolidate(plan, receipts)
+        report = finish_validation(plan, manifest)
     return MergeResult(plan=plan, receipts=receipts, manifest=manifest, report=report)
 
 

@@ -166,6 +166,38 @@ class Location:
         with self.atomic_writer(name) as handle:
             handle.write(data)
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create `name` holding `data` only if it does not exist (O_EXCL locally, If-None-Match on S3).
+        Returns False when it already exists."""
+        fs, target = self.fs, self.path(name)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        if isinstance(fs, MemoryFileSystem):  # tests only; one process
+            if fs.exists(target):
+                return False
+            fs.pipe_file(target, data)
+            return True
+        try:
+            fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError:
+            # Some S3 servers (SeaweedFS) answer a failed If-None-Match with a generic error.
+            fs.invalidate_cache(target)
+            if fs.exists(target):
+                return False
+            raise
+        return True
+
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name))
