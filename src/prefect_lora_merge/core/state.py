@@ -81,6 +81,7 @@ def claim_output(plan: MergePlan, *, overwrite: bool = False) -> None:
                 f"{plan.fingerprint[:12]}); pass --overwrite to replace it or choose another --output"
             )
         _remove_other_merge(plan)
+    output.discard_partial_writes()
     output.remove(MANIFEST_FILE)
     if previous != plan.fingerprint:
         output.write_bytes(RUN_FILE, (f'{{"fingerprint": "{plan.fingerprint}", "started": {time.time()}}}\n').encode())

@@ -198,6 +198,31 @@ class Location:
             raise
         return True
 
+    def discard_partial_writes(self) -> int:
+        """Remove what writes interrupted by a crash left behind under this location; returns how many.
+
+        Local and memory:// writes leave hidden `.<name>.partial-*` siblings; S3 leaves multipart uploads that
+        were never completed (no object, but stored and billed). Only uploads under this location's prefix are
+        aborted: other writers elsewhere in the bucket are left alone. Call it only while holding the output's
+        lease, so no live writer of this location is affected.
+        """
+        fs = self.fs
+        if isinstance(fs, (LocalFileSystem, MemoryFileSystem)):
+            leftovers = [p for p in fs.find(self.root) if ".partial-" in posixpath.basename(p)]
+            for path in leftovers:
+                fs.rm(path)
+            return len(leftovers)
+        if not hasattr(fs, "list_multipart_uploads"):
+            return 0
+        bucket, _, prefix = self.root.partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        aborted = 0
+        for upload in fs.list_multipart_uploads(bucket):
+            if upload["Key"].startswith(prefix):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name))

@@ -1,0 +1,86 @@
+"""Loaded by a test's child process (on PYTHONPATH): kill -9 the process at the point named by LORA_MERGE_KILL_AT.
+
+Only tests put this directory on PYTHONPATH; the tool itself has no crash hooks.
+"""
+
+import os
+import signal
+
+POINT = os.environ.get("LORA_MERGE_KILL_AT", "")
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install() -> None:
+    from prefect_lora_merge.core import consolidate, merge, pipeline, storage
+
+    calls = {"records": 0, "writes": 0, "files": 0}
+
+    if POINT in ("between-shards", "after-commit-before-record"):
+        original_record = merge.write_record
+
+        def write_record(output, record):
+            calls["records"] += 1
+            if POINT == "after-commit-before-record" and calls["records"] == 2:
+                _die()  # the second shard's object is committed, its record is not
+            original_record(output, record)
+            if POINT == "between-shards" and calls["records"] == 2:
+                _die()
+
+        merge.write_record = write_record
+
+    if POINT == "inside-shard-write":
+        original_writer = storage.Location.atomic_writer
+
+        class Dying:
+            def __init__(self, handle):
+                self.handle = handle
+
+            def write(self, data):
+                calls["writes"] += 1
+                if calls["writes"] == 3:
+                    _die()
+                return self.handle.write(data)
+
+        def atomic_writer(self, name):
+            context = original_writer(self, name)
+            if not name.endswith(".safetensors"):
+                return context
+            calls["files"] += 1
+            if calls["files"] < 2:
+                return context
+
+            class Wrapped:
+                def __enter__(self_inner):
+                    return Dying(context.__enter__())
+
+                def __exit__(self_inner, *exc):
+                    return context.__exit__(*exc)
+
+            return Wrapped()
+
+        storage.Location.atomic_writer = atomic_writer
+
+    if POINT == "during-consolidation":
+        original_write = consolidate._write
+
+        def _write(output, name, data):
+            calls["writes"] += 1
+            original_write(output, name, data)
+            if calls["writes"] == 2:  # the index and one side file are written
+                _die()
+
+        consolidate._write = _write
+
+    if POINT == "before-manifest":
+
+        def publish_manifest(output, manifest):
+            _die()
+
+        pipeline.publish_manifest = publish_manifest
+
+
+if POINT:
+    _install()
