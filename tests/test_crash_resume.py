@@ -22,7 +22,16 @@ def _published(directory: Path) -> dict[str, str]:
     return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/")}
 
 
-def _cli(case, out: Path, prefect_home: Path, *, kill_at: str | None = None, api_url: str | None = None):
+def _cli(
+    case,
+    out: Path,
+    prefect_home: Path,
+    *,
+    kill_at: str | None = None,
+    api_url: str | None = None,
+    pause_marker: Path | None = None,
+    start_only: bool = False,
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(prefect_home),
@@ -31,8 +40,9 @@ def _cli(case, out: Path, prefect_home: Path, *, kill_at: str | None = None, api
     )
     if api_url:
         env["PREFECT_API_URL"] = api_url
-    if kill_at:
-        env["LORA_MERGE_KILL_AT"] = kill_at
+    if kill_at or pause_marker:
+        env["LORA_MERGE_KILL_AT"] = kill_at or ""
+        env["LORA_MERGE_PAUSE_MARKER"] = str(pause_marker or "")
         env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN), env.get("PYTHONPATH", "")])
     command = [
         sys.executable,
@@ -51,6 +61,8 @@ def _cli(case, out: Path, prefect_home: Path, *, kill_at: str | None = None, api
         "1",
         "--json",
     ]
+    if start_only:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -85,3 +97,30 @@ def test_kill_9_then_rerun_on_a_fresh_prefect_database_gives_identical_output(ll
     assert sorted(summary["merged_shards"] + summary["resumed_shards"]) == shards
     assert _published(out) == _published(reference)
     assert not list(out.glob(".*.partial-*")), "no temporary file is left behind"
+
+
+def test_of_two_concurrent_runs_on_one_output_only_one_writes(llama_case, tmp_path):
+    import socket
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    out, marker = tmp_path / "merged", tmp_path / "first-is-merging"
+    first = _cli(
+        llama_case, out, tmp_path / "prefect-1", api_url=PREFECT_API_URL.value(), pause_marker=marker, start_only=True
+    )
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline, "the first run never committed a shard"
+            time.sleep(0.2)
+        before = tree_digest(out)
+        second = _cli(llama_case, out, tmp_path / "prefect-2", api_url=PREFECT_API_URL.value())
+        assert second.returncode == 1
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"being written by another run: {socket.gethostname()}:{first.pid}:" in lines[0]
+        assert tree_digest(out) == before, "the refused run wrote nothing"
+    finally:
+        first.kill()
+        first.communicate()

@@ -1,4 +1,5 @@
-"""Loaded by a test's child process (on PYTHONPATH): kill -9 the process at the point named by LORA_MERGE_KILL_AT.
+"""Loaded by a test's child process (on PYTHONPATH): kill -9 the process at the point named by LORA_MERGE_KILL_AT,
+or, with LORA_MERGE_PAUSE_MARKER set, stop after the first committed shard, touch that file and wait to be killed.
 
 Only tests put this directory on PYTHONPATH; the tool itself has no crash hooks.
 """
@@ -7,6 +8,7 @@ import os
 import signal
 
 POINT = os.environ.get("LORA_MERGE_KILL_AT", "")
+PAUSE_MARKER = os.environ.get("LORA_MERGE_PAUSE_MARKER", "")
 
 
 def _die() -> None:
@@ -17,6 +19,19 @@ def _install() -> None:
     from prefect_lora_merge.core import consolidate, merge, pipeline, storage
 
     calls = {"records": 0, "writes": 0, "files": 0}
+
+    if PAUSE_MARKER:
+        original = merge.write_record
+
+        def write_record_then_pause(output, record):
+            import time
+
+            original(output, record)
+            with open(PAUSE_MARKER, "w") as marker:
+                marker.write(str(os.getpid()))
+            time.sleep(600)
+
+        merge.write_record = write_record_then_pause
 
     if POINT in ("between-shards", "after-commit-before-record"):
         original_record = merge.write_record
@@ -82,5 +97,5 @@ def _install() -> None:
         pipeline.publish_manifest = publish_manifest
 
 
-if POINT:
+if POINT or PAUSE_MARKER:
     _install()
