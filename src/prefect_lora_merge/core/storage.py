@@ -6,6 +6,7 @@ is made atomic, how a copy avoids the client) stay inside this module.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import posixpath
@@ -42,11 +43,13 @@ class Location:
         uri = str(uri).strip()
         if "://" not in uri:
             uri = os.path.abspath(os.path.expanduser(uri))
-        return cls(uri=uri.rstrip("/") or "/", storage_options=dict(storage_options or {}))
+        return cls(uri=uri.rstrip("/") or "/", storage_options=copy.deepcopy(storage_options or {}))
 
     def fsspec_options(self) -> dict[str, Any]:
         """The user's options plus this tool's defaults for the backend."""
-        options = dict(self.storage_options)
+        # A deep copy: botocore rewrites the nested retries dict in place, which would change the caller's options
+        # and fsspec's instance-cache key.
+        options = copy.deepcopy(self.storage_options)
         if self.uri.startswith(("s3://", "s3a://")):
             # botocore's legacy mode gives up after 5 attempts and s3fs does not retry a 500 after that; the
             # standard mode with 10 attempts survived 6 injected 500s in a row (shared notes).
@@ -172,6 +175,13 @@ class Location:
         except BaseException:
             handle.discard()
             raise
+        finally:
+            # A discarded file must never be flushed by its finalizer (that would start an upload nothing finishes),
+            # and fsspec keeps every autocommit=False file in its transaction list for ever unless removed.
+            handle.closed = True
+            pending = getattr(getattr(fs, "_transaction", None), "files", None)
+            if pending is not None and handle in pending:
+                pending.remove(handle)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.atomic_writer(name) as handle:
