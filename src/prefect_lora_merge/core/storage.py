@@ -25,6 +25,21 @@ from .errors import LoraMergeError, OutputLocationError, StorageError
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
 
+def _storage_failures() -> tuple[type[BaseException], ...]:
+    """What a backend raises when storage itself fails (after its own retries), as opposed to a bug."""
+    failures: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        failures += [BotoCoreError, ClientError]
+    except ImportError:  # no s3fs installed: local and memory filesystems raise OSError
+        pass
+    return tuple(failures)
+
+
+STORAGE_FAILURES = _storage_failures()
+
+
 @dataclass(frozen=True)
 class Location:
     """A directory-like prefix on some filesystem: a local path, `file://`, `memory://`, `s3://bucket/prefix`...
@@ -114,6 +129,8 @@ class Location:
             data = self.fs.cat_file(self.path(name), start=start, end=end)
         except FileNotFoundError:
             raise StorageError(f"{self.describe(name)} does not exist") from None
+        except STORAGE_FAILURES as exc:
+            raise StorageError(f"reading {self.describe(name)} failed after retries: {exc}") from exc
         if start is not None and end is not None and len(data) != end - start:
             raise StorageError(
                 f"{self.describe(name)}: asked for bytes {start}..{end} and got {len(data)}: the file is shorter "
@@ -148,9 +165,11 @@ class Location:
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(temp, target)
-            except BaseException:
+            except BaseException as exc:
                 if os.path.exists(temp):
                     os.unlink(temp)
+                if isinstance(exc, STORAGE_FAILURES):
+                    raise StorageError(f"writing {self.describe(name)} failed ({exc}); nothing was committed") from exc
                 raise
             return
         if isinstance(fs, MemoryFileSystem):
@@ -172,6 +191,11 @@ class Location:
             yield handle
             handle.close()
             handle.commit()
+        except STORAGE_FAILURES as exc:
+            handle.discard()
+            raise StorageError(
+                f"writing {self.describe(name)} failed after retries ({exc}); nothing was committed under that name"
+            ) from exc
         except BaseException:
             handle.discard()
             raise
