@@ -68,7 +68,7 @@ def merge_or_resume_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     return merge_shard(job, shard)
 
 
-def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], None] | None = None) -> ShardReceipt:
+def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     """Write the merged version of one base shard to the output, atomically, then its record; return the receipt.
 
     The record is written only after the shard's object is committed, so a record always describes a whole shard.
@@ -118,15 +118,11 @@ def merge_shard(job: MergeJob, shard: ShardPlan, *, on_bytes: Callable[[int], No
         for segment in _read_ahead(job, shard, header.data_start):
             if segment.tensor is None:
                 emit(segment.data)
-                if on_bytes:
-                    on_bytes(len(segment.data))
                 continue
             planned = segment.tensor
             result = _merge_tensor(planned, segment.data, fetch, device)
             emit(tensor_to_bytes(result))
             applied += [k for u in planned.updates for k in update_keys(u)]
-            if on_bytes:
-                on_bytes(len(segment.data))
             del result
     expected = len(header_blob) + sum(e.nbytes for e in shard.output_entries())
     if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently

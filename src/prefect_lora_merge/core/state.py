@@ -11,6 +11,7 @@ fingerprint and whose object is present with the recorded size.
 
 from __future__ import annotations
 
+import json
 import time
 
 from pydantic import BaseModel
@@ -84,7 +85,7 @@ def claim_output(plan: MergePlan, *, overwrite: bool = False) -> None:
     output.discard_partial_writes()
     output.remove(MANIFEST_FILE)
     if previous != plan.fingerprint:
-        output.write_bytes(RUN_FILE, (f'{{"fingerprint": "{plan.fingerprint}", "started": {time.time()}}}\n').encode())
+        output.write_bytes(RUN_FILE, json.dumps({"fingerprint": plan.fingerprint, "started": time.time()}).encode())
 
 
 def _previous_fingerprint(output: Location) -> str | None:
