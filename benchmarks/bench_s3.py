@@ -6,7 +6,9 @@ Starts a local S3 server (SeaweedFS `weed mini` on 127.0.0.1, as the tests do), 
 - server-side copy of every base object to another bucket (`fs.copy`: no bytes through the client);
 - client-side copy of every object (read and write through this process: the floor for any merge that must
   rewrite the bytes);
-- `merge_checkpoint(base=s3://..., adapter=s3://..., output=s3://...)` (the engine-free core, in-process).
+- `merge_checkpoint(base=s3://..., adapter=s3://..., output=s3://...)` (the engine-free core, in-process);
+- the same merge with the adapter cut down to layer 0, so that most shards are untouched and copied server-side
+  (base and output on one S3 endpoint); it reports the bytes the server copied.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main() -> None:
         started = time.perf_counter()
         fs.put(str(base), "inputs/base", recursive=True)
         fs.put(str(adapter), "inputs/adapter", recursive=True)
+        layer0 = _layer0_adapter(adapter, Path(tmp) / "adapter-layer0")
+        fs.put(str(layer0), "inputs/adapter-layer0", recursive=True)
         objects = sorted(p for p in fs.find("inputs/base"))
         total = sum(fs.size(p) for p in objects)
         print(f"uploaded {total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
@@ -68,7 +72,24 @@ def main() -> None:
                 storage_options=options,
             )
 
-        legs = {"server-side copy": server_copy, "client-side copy": client_copy, "lora-merge (API)": merge}
+        copied: list[int] = []
+
+        def merge_layer0(i: int) -> None:
+            result = merge_checkpoint(
+                "s3://inputs/base",
+                "s3://inputs/adapter-layer0",
+                f"s3://outputs/merge-layer0-{i}",
+                device="cpu",
+                storage_options=options,
+            )
+            copied.append(sum(r.bytes for r in result.receipts if r.copied_server_side))
+
+        legs = {
+            "server-side copy": server_copy,
+            "client-side copy": client_copy,
+            "lora-merge (API)": merge,
+            "lora-merge (API), adapter on layer 0 only": merge_layer0,
+        }
         times: dict[str, list[float]] = {name: [] for name in legs}
         for i in range(args.repeat):
             for name, leg in legs.items():
@@ -85,6 +106,20 @@ def main() -> None:
             print(
                 f"| {name} | {wall:.1f} | {total / 1e9 / wall:.2f} | {wall / client:.2f}× | {wall / server_side:.2f}× |"
             )
+        print(f"\nadapter on layer 0 only: {copied[-1] / 1e9:.2f} of {total / 1e9:.2f} GB copied server-side")
+
+
+def _layer0_adapter(adapter: Path, target: Path) -> Path:
+    """The benchmark adapter restricted to layer 0's tensors: the shards without layer 0 are left untouched."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, target)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    kept = {k: v for k, v in tensors.items() if ".layers.0." in k}
+    save_file(kept, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return target
 
 
 if __name__ == "__main__":

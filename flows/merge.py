@@ -25,7 +25,8 @@ class MergeSummary(BaseModel):
     tensors_touched: int
     merged_shards: list[str]
     resumed_shards: list[str]  # committed by an earlier run of the same merge, skipped
-    bytes_written: int
+    bytes_written: int  # output shard bytes this run produced (resumed shards not counted)
+    bytes_copied_server_side: int  # of those, bytes the storage copied itself (untouched shards): none via this host
     seconds: float
     validation_passed: bool
     validation_checks: dict[str, int]
@@ -85,7 +86,8 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         tensors_touched=sum(len(r.touched) for r in receipts),
         merged_shards=sorted(r.file for r in receipts if not r.resumed),
         resumed_shards=sorted(r.file for r in receipts if r.resumed),
-        bytes_written=sum(r.bytes for r in receipts),
+        bytes_written=sum(r.bytes for r in receipts if not r.resumed),
+        bytes_copied_server_side=sum(r.bytes for r in receipts if r.copied_server_side and not r.resumed),
         seconds=time.perf_counter() - started,
         validation_passed=report.passed,
         validation_checks=report.checks,

@@ -131,9 +131,14 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         resumed = (
             f" ({len(summary.resumed_shards)} committed by an earlier run, skipped)" if summary.resumed_shards else ""
         )
+        copied = (
+            f" ({_size(summary.bytes_copied_server_side)} of it copied server-side: untouched shards)"
+            if summary.bytes_copied_server_side
+            else ""
+        )
         print(
             f"merged {summary.shards} shard(s){resumed}, {summary.tensors_touched} tensor(s) changed, "
-            f"{_size(summary.bytes_written)} written in {summary.seconds:.1f} s -> {summary.output}"
+            f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output}"
         )
         print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")
         for decision in summary.decisions:

@@ -23,7 +23,7 @@ TOOL_NAME = "prefect-lora-merge"
 
 class FileRecord(BaseModel):
     bytes: int
-    sha256: str
+    sha256: str | None  # None only before validation, for a shard copied server-side; never in a published manifest
 
 
 class Manifest(BaseModel):
@@ -110,8 +110,21 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
     return manifest
 
 
+def with_checksums(manifest: Manifest, checksums: dict[str, str]) -> Manifest:
+    """The manifest with the sha256 of server-side copies filled in from the validation pass that hashed them."""
+    files = {
+        name: record if record.sha256 else FileRecord(bytes=record.bytes, sha256=checksums.get(name))
+        for name, record in manifest.files.items()
+    }
+    shards = [r if r.sha256 else r.model_copy(update={"sha256": checksums.get(r.file)}) for r in manifest.shards]
+    return manifest.model_copy(update={"files": files, "shards": shards})
+
+
 def publish_manifest(output: Location, manifest: Manifest) -> None:
     """The commit point: after this write, readers take the output as a finished merge."""
+    unhashed = [name for name, record in manifest.files.items() if not record.sha256]
+    if unhashed:  # cannot happen unless a bug slipped in: a published manifest vouches for every byte
+        raise LoraMergeError(f"internal error: no sha256 for {', '.join(unhashed[:3])}; the manifest was not written")
     output.write_bytes(MANIFEST_FILE, _json_bytes(manifest.model_dump(mode="json")))
 
 

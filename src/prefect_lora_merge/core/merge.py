@@ -92,6 +92,10 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
         raise LoraMergeError(
             f"{adapter.location.describe(adapter.file)} changed since the merge was planned; plan the merge again"
         )
+    if shard.copies_base_bytes():
+        receipt = _copy_server_side(job, shard, started)
+        if receipt is not None:
+            return receipt
     if shard.layout_unchanged():
         # Same names, dtypes, shapes and offsets: keep the base's header bytes exactly (metadata included).
         header_blob = base.read_bytes(shard.file, 0, header.data_start)
@@ -138,6 +142,33 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
         applied=applied,
         seconds=time.perf_counter() - started,
         device=str(device),
+    )
+    write_record(job.output, receipt.record())
+    return receipt
+
+
+def _copy_server_side(job: MergeJob, shard: ShardPlan, started: float) -> ShardReceipt | None:
+    """An untouched shard copied by the storage itself (no bytes through this process); None where the base and
+    output do not share a filesystem that can do that."""
+    base, output = job.base, job.output
+    if not output.copy_from(base, shard.file):
+        return None
+    if base.version(shard.file) != job.base_versions.get(shard.file) or output.size(shard.file) != shard.base_size:
+        output.remove(shard.file)  # the base changed while it was being copied: never keep a copy of other bytes
+        raise CheckpointFormatError(
+            f"{base.describe(shard.file)} changed since the merge was planned; plan the merge again"
+        )
+    receipt = ShardReceipt(
+        file=shard.file,
+        bytes=shard.base_size,
+        sha256=None,
+        fingerprint=job.fingerprint,
+        tensors=len(shard.tensors),
+        touched=[],
+        applied=[],
+        copied_server_side=True,
+        seconds=time.perf_counter() - started,
+        device="storage",
     )
     write_record(job.output, receipt.record())
     return receipt

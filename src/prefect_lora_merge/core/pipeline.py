@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .consolidate import Manifest, consolidate, publish_manifest
+from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
 from .errors import ValidationFailed
 from .lease import output_lease
 from .merge import merge_or_resume_shard
@@ -42,7 +42,8 @@ def merge_checkpoint(
         receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
         manifest = consolidate(plan, receipts)
         report = finish_validation(plan, manifest)
-    return MergeResult(plan=plan, receipts=receipts, manifest=manifest, report=report)
+    published = with_checksums(manifest, report.checksums_taken)
+    return MergeResult(plan=plan, receipts=receipts, manifest=published, report=report)
 
 
 def finish_validation(plan: MergePlan, manifest: Manifest) -> ValidationReport:
@@ -51,5 +52,5 @@ def finish_validation(plan: MergePlan, manifest: Manifest) -> ValidationReport:
     report = validate_output(plan.job.output, plan, manifest)
     if not report.passed:
         raise ValidationFailed(report.failures)
-    publish_manifest(plan.job.output, manifest)
+    publish_manifest(plan.job.output, with_checksums(manifest, report.checksums_taken))
     return report

@@ -138,6 +138,10 @@ class ShardPlan(BaseModel):
     def output_entries(self) -> tuple[TensorEntry, ...]:
         return layout([(t.name, t.dtype, t.shape) for t in self.tensors])
 
+    def copies_base_bytes(self) -> bool:
+        """No tensor changes value, dtype or shape: the output shard is the base shard, byte for byte."""
+        return all(not t.updates and t.shape == t.base.shape and t.dtype == t.base.dtype for t in self.tensors)
+
     def layout_unchanged(self) -> bool:
         return all(t.shape == t.base.shape for t in self.tensors)
 

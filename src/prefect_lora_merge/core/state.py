@@ -29,7 +29,9 @@ class ShardRecord(BaseModel):
 
     file: str
     bytes: int
-    sha256: str
+    # None for a shard the storage copied server-side: its bytes never passed through this tool, so the hash is
+    # taken by the validation pass, which reads every output file anyway, and published in the manifest.
+    sha256: str | None
     fingerprint: str
     tensors: int
     touched: list[str]
@@ -42,6 +44,7 @@ class ShardReceipt(ShardRecord):
     seconds: float
     device: str
     resumed: bool = False
+    copied_server_side: bool = False  # by the storage itself, not through this process (how, not what: not recorded)
 
     def record(self) -> ShardRecord:
         return ShardRecord(**self.model_dump(include=set(ShardRecord.model_fields)))

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,33 @@ def _storage_failures() -> tuple[type[BaseException], ...]:
 
 
 STORAGE_FAILURES = _storage_failures()
+
+
+# Backends whose own copy publishes the target only when complete (besides local and memory://, handled apart).
+SERVER_COPY_PROTOCOLS = ("s3", "s3a")
+
+
+def _kernel_copy(src: str, dst: str) -> None:
+    """Copy a local file inside the kernel, durably: copy_file_range where the OS has it, else sendfile."""
+    with open(src, "rb") as reader, open(dst, "wb") as writer:
+        size = os.fstat(reader.fileno()).st_size
+        copied = 0
+        try:
+            while copied < size:
+                step = os.copy_file_range(reader.fileno(), writer.fileno(), min(size - copied, 1 << 30))
+                if step == 0:
+                    break
+                copied += step
+        except (AttributeError, OSError):  # no copy_file_range (old kernel, macOS, some filesystems)
+            reader.seek(0)
+            writer.seek(0)
+            writer.truncate()
+            shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
+            copied = writer.tell()
+        if copied != size:
+            raise OSError(f"copied {copied} of {size} bytes from {src}")
+        writer.flush()
+        os.fsync(writer.fileno())
 
 
 @dataclass(frozen=True)
@@ -210,6 +238,51 @@ class Location:
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.atomic_writer(name) as handle:
             handle.write(data)
+
+    def shares_filesystem_with(self, other: Location) -> bool:
+        """Same backend with the same options (endpoint, credentials): a copy between the two needs no client bytes."""
+        return type(self.fs) is type(other.fs) and self.fsspec_options() == other.fsspec_options()
+
+    def copy_from(self, source: Location, name: str) -> bool:
+        """Copy `source/name` to `name` here without the bytes passing through this process, atomically.
+
+        Returns False, copying nothing, where that is not possible (another filesystem, or a backend whose copy is
+        not known to be atomic); the caller then streams the bytes itself. Locally the kernel copies
+        (`copy_file_range`: a reflink on btrfs/XFS, a server-side copy on NFS 4.2) into a hidden sibling that is
+        renamed into place; on S3 the store copies (CopyObject, or UploadPartCopy above 5 GB, which publishes the
+        key only when complete; an interrupted one is aborted by `discard_partial_writes`).
+        """
+        if not self.shares_filesystem_with(source):
+            return False
+        fs, src, target = self.fs, source.path(name), self.path(name)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            temp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}")
+            try:
+                _kernel_copy(src, temp)
+                os.replace(temp, target)
+            except BaseException as exc:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+                if isinstance(exc, STORAGE_FAILURES):
+                    raise StorageError(
+                        f"copying {source.describe(name)} to {self.describe(name)} failed ({exc})"
+                    ) from exc
+                raise
+            return True
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if isinstance(fs, MemoryFileSystem) or set(protocols) & set(SERVER_COPY_PROTOCOLS):
+            try:
+                fs.copy(src, target)
+            except FileNotFoundError:
+                raise StorageError(f"{source.describe(name)} does not exist") from None
+            except STORAGE_FAILURES as exc:
+                raise StorageError(
+                    f"server-side copy of {source.describe(name)} to {self.describe(name)} failed after retries ({exc})"
+                ) from exc
+            fs.invalidate_cache(target)
+            return True
+        return False
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create `name` holding `data` only if it does not exist (O_EXCL locally, If-None-Match on S3).

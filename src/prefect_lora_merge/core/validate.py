@@ -23,6 +23,8 @@ class ValidationReport(BaseModel):
     failures: list[str]
     checks: dict[str, int]  # what was checked, and how many of each
     seconds: float
+    # sha256 of the files the manifest to be had none for (shards the storage copied server-side), hashed here
+    checksums_taken: dict[str, str] = {}
 
 
 def validate_output(
@@ -38,8 +40,9 @@ def validate_output(
     if manifest is None:
         manifest = _manifest(output, failures)
     index = _index(output, failures)
+    checksums_taken: dict[str, str] = {}
     if manifest is not None:
-        _check_files(output, manifest, failures, checks)
+        checksums_taken = _check_files(output, manifest, failures, checks)
     headers: dict[str, ShardHeader] = {}
     if index is not None:
         headers = _check_index(output, index, failures, checks)
@@ -53,6 +56,7 @@ def validate_output(
         failures=failures,
         checks=dict(checks),
         seconds=time.perf_counter() - started,
+        checksums_taken=checksums_taken,
     )
 
 
@@ -82,29 +86,37 @@ def _index(output: Location, failures: list[str]) -> dict | None:
     return index
 
 
-def _check_files(output: Location, manifest: Manifest, failures: list[str], checks: Counter[str]) -> None:
+def _check_files(output: Location, manifest: Manifest, failures: list[str], checks: Counter[str]) -> dict[str, str]:
+    """Check every file's size and sha256 against the manifest; return the sha256 of those it had none for."""
     present = set(output.list_files())
 
-    def check(item: tuple[str, int, str]) -> str | None:
+    def check(item: tuple[str, int, str | None]) -> tuple[str | None, str | None]:
         name, size, sha = item
         if name not in present:
-            return f"{output.describe(name)} is listed in the manifest but missing"
+            return f"{output.describe(name)} is listed in the manifest but missing", None
         actual = output.size(name)
         if actual != size:
-            return f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)"
+            return f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)", None
         digest = hashlib.sha256()
         for start in range(0, size, COPY_CHUNK_BYTES):
             digest.update(output.read_bytes(name, start, min(size, start + COPY_CHUNK_BYTES)))
+        if sha is None:  # a server-side copy: hashed here, for the first time
+            return None, digest.hexdigest()
         if digest.hexdigest() != sha:
-            return f"{output.describe(name)}: sha256 {digest.hexdigest()[:16]}… differs from the manifest's {sha[:16]}…"
-        return None
+            found = digest.hexdigest()
+            return f"{output.describe(name)}: sha256 {found[:16]}… differs from the manifest's {sha[:16]}…", None
+        return None, None
 
     items = [(n, r.bytes, r.sha256) for n, r in manifest.files.items()]
+    taken: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for problem in pool.map(check, items):
+        for (name, _, _), (problem, sha) in zip(items, pool.map(check, items), strict=True):
             checks["file checksums"] += 1
             if problem:
                 failures.append(problem)
+            if sha is not None:
+                taken[name] = sha
+    return taken
 
 
 def _check_index(output: Location, index: dict, failures: list[str], checks: Counter[str]) -> dict[str, ShardHeader]:
