@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError
+from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
 from prefect_lora_merge.core.lease import output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MergePlan
@@ -28,6 +29,9 @@ class MergeSummary(BaseModel):
     bytes_written: int  # output shard bytes this run produced (resumed shards not counted)
     bytes_copied_server_side: int  # of those, bytes the storage copied itself (untouched shards): none via this host
     seconds: float
+    # FP8 output: the re-quantized weight that kept the least of its delta, and those under FP8_WARN_COSINE
+    fp8_worst_delta: DeltaSurvival | None = None
+    fp8_weak_deltas: list[DeltaSurvival] = []
     validation_passed: bool
     validation_checks: dict[str, int]
     decisions: list[str]
@@ -77,6 +81,16 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
             f"{len(failures)} of {len(plan.shards)} shard(s) failed (the others are written; re-run to finish): "
             + "; ".join(failures[:3])
         )
+    deltas = sorted((d for r in receipts for d in r.fp8_deltas), key=lambda d: d.cosine)
+    weak = [d for d in deltas if d.cosine < FP8_WARN_COSINE]
+    for d in weak[:20]:
+        logger.warning(
+            "%s: re-quantized to FP8, only cosine %.3f of its delta survived (relative error %.2f); "
+            "--output-dtype bf16 keeps all of it",
+            d.tensor,
+            d.cosine,
+            d.relative_error,
+        )
     manifest = consolidate_output(plan, receipts)
     report = validate_merge(plan, manifest)
     return MergeSummary(
@@ -89,6 +103,8 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         bytes_written=sum(r.bytes for r in receipts if not r.resumed),
         bytes_copied_server_side=sum(r.bytes for r in receipts if r.copied_server_side and not r.resumed),
         seconds=time.perf_counter() - started,
+        fp8_worst_delta=deltas[0] if deltas else None,
+        fp8_weak_deltas=weak,
         validation_passed=report.passed,
         validation_checks=report.checks,
         decisions=list(plan.decisions),

@@ -32,7 +32,13 @@ def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry
 def plan_merge(params: MergeParameters) -> MergePlan:
     """Read headers and the adapter; refuse bad inputs before anything is written."""
     return make_plan(
-        params.base, params.adapter, params.output, device=params.device, storage_options=params.storage_options
+        params.base,
+        params.adapter,
+        params.output,
+        device=params.device,
+        storage_options=params.storage_options,
+        output_dtype=params.output_dtype,
+        fp8_min_cosine=params.fp8_min_cosine,
     )
 
 

@@ -47,14 +47,30 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help=output_help)
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
+        output_dtype(p, default="auto")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
+
+    def output_dtype(p: argparse.ArgumentParser, *, default: str | None) -> None:
+        p.add_argument(
+            "--output-dtype",
+            choices=("auto", "bf16", "fp8"),
+            default=default,
+            help="FP8 block-quantized bases only: bf16 (auto) dequantizes every FP8 weight; fp8 keeps untouched "
+            "FP8 weights byte for byte and re-quantizes touched ones",
+        )
 
     run = sub.add_parser("run", help="merge through the Prefect flow")
     inputs(run, output_help="where the merged checkpoint goes")
     run.add_argument("--workers", type=_positive, default=2, help="shards merged at once (default: 2)")
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
     run.add_argument("--break-lock", action="store_true", help="take the output's lease from a run that is dead")
+    run.add_argument(
+        "--fp8-min-cosine",
+        type=float,
+        metavar="C",
+        help="with --output-dtype fp8: fail when a re-quantized weight keeps less of its delta than this cosine",
+    )
     run.set_defaults(handler=_run)
 
     plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
@@ -66,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--base", help="base checkpoint (with --adapter: check against a fresh plan)")
     validate.add_argument("--adapter", help="PEFT adapter (with --base)")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
+    output_dtype(validate, default=None)
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.add_argument("--verbose", action="store_true", help="show full tracebacks")
     validate.set_defaults(handler=_validate)
@@ -122,6 +139,8 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
+        output_dtype=args.output_dtype,
+        fp8_min_cosine=args.fp8_min_cosine,
         storage_options=storage_options,
     )
     summary = run_merge(params)
@@ -141,6 +160,14 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output}"
         )
         print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")
+        if summary.fp8_worst_delta is not None:
+            worst = summary.fp8_worst_delta
+            print(
+                f"worst FP8 delta survival: {worst.tensor} cosine {worst.cosine:.4f}, relative error "
+                f"{worst.relative_error:.3f} ({len(summary.fp8_weak_deltas)} weight(s) under the warning level)"
+            )
+        for weak in summary.fp8_weak_deltas[:10]:
+            print(f"warning: {weak.tensor}: only cosine {weak.cosine:.3f} of its delta survived FP8 re-quantization")
         for decision in summary.decisions:
             print(f"note: {decision}")
     return 0
@@ -149,7 +176,14 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     from prefect_lora_merge.core.plan import make_plan
 
-    plan = make_plan(args.base, args.adapter, args.output, device=args.device, storage_options=storage_options)
+    plan = make_plan(
+        args.base,
+        args.adapter,
+        args.output,
+        device=args.device,
+        storage_options=storage_options,
+        output_dtype=args.output_dtype,
+    )
     adapter = plan.job.adapter
     rows = [
         {
@@ -192,8 +226,11 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 
     if bool(args.base) != bool(args.adapter):
         raise LoraMergeError("validate needs both --base and --adapter, or neither")
-    plan = make_plan(args.base, args.adapter, args.output, storage_options=storage_options) if args.base else None
-    output = plan.job.output if plan else Location.parse(args.output, storage_options, what="--output")
+    output = Location.parse(args.output, storage_options, what="--output")
+    plan = None
+    if args.base:
+        output_dtype = args.output_dtype or _merged_output_dtype(output)
+        plan = make_plan(args.base, args.adapter, output, storage_options=storage_options, output_dtype=output_dtype)
     report = validate_output(output, plan)
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -205,6 +242,19 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     if not report.passed:
         raise ValidationFailed(report.failures)
     return 0
+
+
+def _merged_output_dtype(output: Any) -> str:
+    """The --output-dtype the output was merged with, from its manifest (auto when it has none)."""
+    from prefect_lora_merge.core.consolidate import read_manifest
+
+    try:
+        manifest = read_manifest(output)
+    except LoraMergeError:
+        return "auto"
+    if manifest is None or manifest.output_dtype == "keep":
+        return "auto"
+    return manifest.output_dtype
 
 
 def _demo(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:

@@ -36,6 +36,7 @@ class Manifest(BaseModel):
     tool_version: str
     algorithm_version: str = ALGORITHM_VERSION
     fingerprint: str
+    output_dtype: str = "keep"  # keep (every tensor its base dtype), or bf16 / fp8 for an FP8 block-quantized base
     base: dict[str, Any]
     adapter: dict[str, Any]
     decisions: list[str]
@@ -79,7 +80,7 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
             )
 
     files: dict[str, FileRecord] = {r.file: FileRecord(bytes=r.bytes, sha256=r.sha256) for r in receipts}
-    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    weight_map = {t.name: s.file for s in plan.shards for t in s.written}
     total_size = sum(e.nbytes for s in plan.shards for e in s.output_entries())
     metadata = {k: v for k, v in plan.index_metadata.items() if k != "total_size"}
     index = {"metadata": {**metadata, "total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -87,14 +88,15 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
 
     for name in plan.extra_files:
         data = base.read_bytes(name)
-        if name == "config.json" and plan.config_updates:
-            data = _json_bytes(_updated_config(json.loads(data), plan.config_updates))
+        if name == "config.json" and (plan.config_updates or plan.config_removals):
+            data = _json_bytes(_updated_config(json.loads(data), plan.config_updates, plan.config_removals))
         files[name] = _write(output, name, data)
 
     adapter = plan.job.adapter
     manifest = Manifest(
         tool_version=tool_version(),
         fingerprint=plan.fingerprint,
+        output_dtype=plan.output_dtype,
         base={"uri": base.uri, "shards": {s.file: s.base_size for s in plan.shards}},
         adapter={
             "uri": adapter.location.uri,
@@ -137,12 +139,15 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2) + "\n").encode()
 
 
-def _updated_config(config: dict[str, Any], updates: dict[str, int]) -> dict[str, Any]:
+def _updated_config(config: dict[str, Any], updates: dict[str, int], removals: tuple[str, ...] = ()) -> dict[str, Any]:
     config = copy.deepcopy(config)
-    for dotted, value in updates.items():
+    for dotted, value in [*updates.items(), *((d, None) for d in removals)]:
         scope = config
         *parents, leaf = dotted.split(".")
         for parent in parents:
             scope = scope[parent]
-        scope[leaf] = value
+        if dotted in removals:
+            scope.pop(leaf, None)
+        else:
+            scope[leaf] = value
     return config

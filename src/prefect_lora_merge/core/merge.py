@@ -20,8 +20,9 @@ import torch
 
 from .adapter import read_adapter_tensor
 from .errors import CheckpointFormatError, LoraMergeError
+from .fp8 import DeltaSurvival, delta_survival, dequantize, quantize
 from .lora_math import merged_tensor
-from .plan import MergeJob, PlannedTensor, ShardPlan, update_keys
+from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, update_keys
 from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
 from .storage import COPY_CHUNK_BYTES
@@ -58,6 +59,7 @@ def keep_large_buffers_off_the_heap() -> None:
 class _Segment:
     tensor: PlannedTensor | None  # None: raw bytes of untouched tensors
     data: bytes
+    companion: bytes = b""  # an FP8 weight's scale grid, or a scale grid's weight codes (maybe from another shard)
 
 
 def merge_or_resume_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
@@ -103,6 +105,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
         header_blob = encode_header(shard.output_entries(), shard.metadata)
 
     digest, written, applied = hashlib.sha256(), 0, []
+    survivals: list[DeltaSurvival] = []
     adapter_cache: dict[str, torch.Tensor] = {}
 
     def fetch(key: str) -> torch.Tensor:
@@ -124,7 +127,13 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
                 emit(segment.data)
                 continue
             planned = segment.tensor
-            result = _merge_tensor(planned, segment.data, fetch, device)
+            if planned.fp8 is not None:
+                result, survival = _fp8_tensor(planned, segment.data, segment.companion, fetch, device)
+                if survival is not None:
+                    _check_survival(job, shard, survival)
+                    survivals.append(survival)
+            else:
+                result = _merge_tensor(planned, segment.data, fetch, device)
             emit(tensor_to_bytes(result))
             applied += [k for u in planned.updates for k in update_keys(u)]
             del result
@@ -140,6 +149,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
         tensors=len(shard.tensors),
         touched=[t.name for t in shard.touched],
         applied=applied,
+        fp8_deltas=survivals,
         seconds=time.perf_counter() - started,
         device=str(device),
     )
@@ -201,6 +211,75 @@ def _merge_tensor(
     return result
 
 
+def _from_buffer(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    return flat.reshape(shape)
+
+
+def _fp8_tensor(
+    planned: PlannedTensor,
+    data: bytes,
+    companion: bytes,
+    fetch: Callable[[str], torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, DeltaSurvival | None]:
+    """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight.
+
+    The delta applies to the dequantized float32 weight (LoRA on FP8 bases is trained on a bf16/fp32 copy)."""
+    role = planned.fp8
+    assert role is not None
+    weight = role.weight
+    if role.write == "scales":
+        codes_bytes, scale_bytes, updates = companion, data, role.weight_updates
+    else:
+        codes_bytes, scale_bytes, updates = data, companion, planned.updates
+    codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
+    scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
+    values = dequantize(codes, scales, weight.block)
+    del codes
+    name = weight.codes.entry.name
+    if not _all_finite(values):
+        raise CheckpointFormatError(
+            f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
+            f"{weight.scales.file}): the base checkpoint is damaged"
+        )
+    if role.write == "dequantized":
+        merged = merged_tensor(values, updates, fetch) if updates else values
+        result = merged.to(torch.bfloat16).cpu()
+        if not _all_finite(result):
+            raise LoraMergeError(
+                f"merging into {name} produced NaN/Inf values in bf16: the adapter's tensors for "
+                f"{', '.join(u.module for u in updates)} are broken"
+            )
+        return result, None
+    merged = merged_tensor(values.clone(), updates, fetch)
+    if not _all_finite(merged):
+        raise LoraMergeError(
+            f"merging into {name} produced NaN/Inf values: the adapter's tensors for "
+            f"{', '.join(u.module for u in updates)} are broken"
+        )
+    new_codes, new_scales = quantize(merged, weight.block, ue8m0=weight.ue8m0)
+    if role.write == "scales":
+        return new_scales.cpu(), None
+    realised = dequantize(new_codes, new_scales, weight.block).sub_(values)
+    intended = merged.sub_(values)
+    del values
+    return new_codes.cpu(), delta_survival(name, intended, realised)
+
+
+def _check_survival(job: MergeJob, shard: ShardPlan, survival: DeltaSurvival) -> None:
+    threshold = job.fp8_min_cosine
+    if threshold is not None and survival.cosine < threshold:
+        raise LoraMergeError(
+            f"{shard.file}: {survival.tensor} re-quantized to FP8 keeps too little of the adapter's change (cosine "
+            f"{survival.cosine:.3f} of realised vs intended ΔW, below --fp8-min-cosine {threshold}; relative error "
+            f"{survival.relative_error:.2f}); merge with --output-dtype bf16 to keep the whole delta, or lower the "
+            "threshold"
+        )
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. One min/max reduction (NaN propagates into both): ~17× faster than isfinite().all() on CPU."""
     if tensor.numel() == 0 or not tensor.is_floating_point():
@@ -210,11 +289,12 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int]]:
-    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to COPY_CHUNK_BYTES."""
+    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to COPY_CHUNK_BYTES; dropped
+    tensors are not read."""
     run_begin: int | None = None
     run_end = 0
     for tensor in shard.tensors:
-        if not tensor.updates:
+        if not tensor.computed and not tensor.dropped:
             if run_begin is None:
                 run_begin = tensor.base.begin
             run_end = tensor.base.end
@@ -222,9 +302,17 @@ def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int
         if run_begin is not None:
             yield from _chunks(run_begin, run_end)
             run_begin = None
-        yield tensor, tensor.base.begin, tensor.base.end
+        if not tensor.dropped:
+            yield tensor, tensor.base.begin, tensor.base.end
     if run_begin is not None:
         yield from _chunks(run_begin, run_end)
+
+
+def _companion(tensor: PlannedTensor | None) -> TensorRef | None:
+    """The other half of an FP8 weight that computing `tensor` needs: the scales of codes, the codes of scales."""
+    if tensor is None or tensor.fp8 is None:
+        return None
+    return tensor.fp8.weight.codes if tensor.fp8.write == "scales" else tensor.fp8.weight.scales
 
 
 def _chunks(begin: int, end: int) -> Iterator[tuple[None, int, int]]:
@@ -250,14 +338,16 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_S
         nonlocal in_flight
         try:
             for tensor, begin, end in _segments(shard):
-                size = end - begin
+                companion = _companion(tensor)
+                size = end - begin + (companion.entry.nbytes if companion else 0)
                 with changed:
                     changed.wait_for(functools.partial(may_read, size))
                     if stop.is_set():
                         return
                     in_flight += size
                 data = job.base.read_bytes(shard.file, data_start + begin, data_start + end)
-                items.put(_Segment(tensor=tensor, data=data))
+                extra = job.base.read_bytes(companion.file, *companion.span) if companion else b""
+                items.put(_Segment(tensor=tensor, data=data, companion=extra))
             items.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it in the task's own thread
             items.put(exc)
@@ -273,7 +363,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_S
                 raise item
             yield item  # the consumer computes and writes this segment before asking for the next
             with changed:
-                in_flight -= len(item.data)
+                in_flight -= len(item.data) + len(item.companion)
                 changed.notify_all()
     finally:
         with changed:

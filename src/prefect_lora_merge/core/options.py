@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -18,6 +18,18 @@ class MergeParameters(BaseModel):
     workers: int = Field(2, ge=1, le=256, description="Shards merged at the same time.")
     overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
     break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
+    output_dtype: Literal["auto", "bf16", "fp8"] = Field(
+        "auto",
+        description="For an FP8 block-quantized base: bf16 (what auto means there) dequantizes every FP8 weight; "
+        "fp8 keeps untouched ones as they are and re-quantizes touched ones. Other bases keep every dtype.",
+    )
+    fp8_min_cosine: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="With output_dtype fp8: fail a shard whose re-quantized weight keeps less of its intended "
+        "change than this cosine (realised vs intended ΔW).",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
     )

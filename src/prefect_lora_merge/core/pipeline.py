@@ -14,7 +14,7 @@ from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
 from .errors import ValidationFailed
 from .lease import output_lease
 from .merge import merge_or_resume_shard
-from .plan import MergePlan, make_plan
+from .plan import MergePlan, OutputDtype, make_plan
 from .state import ShardReceipt, claim_output
 from .validate import ValidationReport, validate_output
 
@@ -35,8 +35,18 @@ def merge_checkpoint(
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     break_lock: bool = False,
+    output_dtype: OutputDtype = "auto",
+    fp8_min_cosine: float | None = None,
 ) -> MergeResult:
-    plan = make_plan(base, adapter, output, device=device, storage_options=storage_options)
+    plan = make_plan(
+        base,
+        adapter,
+        output,
+        device=device,
+        storage_options=storage_options,
+        output_dtype=output_dtype,
+        fp8_min_cosine=fp8_min_cosine,
+    )
     with output_lease(plan.job.output, break_lock=break_lock):
         claim_output(plan, overwrite=overwrite)
         receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]

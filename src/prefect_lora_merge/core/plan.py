@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
-from .errors import AdapterMismatchError, CheckpointFormatError
+from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
+from .fp8 import scale_grid_shape
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
 
@@ -106,12 +107,56 @@ class Update(BaseModel):
     indices: tuple[int, ...] | None = None
 
 
+class TensorRef(BaseModel):
+    """Where a tensor's bytes are in the base, whichever shard holds it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    data_start: int  # offset of the shard's data section
+    entry: TensorEntry
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.data_start + self.entry.begin, self.data_start + self.entry.end
+
+
+class BlockFp8(BaseModel):
+    """An FP8 block-quantized weight: its e4m3 codes and float32 scale grid (`weight_scale_inv`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    codes: TensorRef
+    scales: TensorRef
+    block: tuple[int, int]
+    ue8m0: bool  # scales are powers of two (`scale_fmt: ue8m0`, DeepSeek-V3.1)
+
+
+class Fp8Role(BaseModel):
+    """What an FP8 weight or scale tensor becomes in the output.
+
+    - `dequantized`: the weight in bf16 (merged when the adapter touches it);
+    - `codes` / `scales`: the merged weight re-quantized with fresh block scales; each of the two tensors is
+      computed where it is stored (they may sit in different shards), from the same inputs, deterministically;
+    - `dropped`: a scale grid of a weight written in bf16: not in the output.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    write: Literal["dequantized", "codes", "scales", "dropped"]
+    weight: BlockFp8
+    # For `scales`: the weight's own updates, to re-quantize the same merged weight. They are applied and counted
+    # on the weight; here they only shape the scale grid.
+    weight_updates: tuple[Update, ...] = ()
+
+
 class PlannedTensor(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     base: TensorEntry
     shape: tuple[int, ...]  # output shape (differs from base only for a resized embedding)
     updates: tuple[Update, ...] = ()
+    fp8: Fp8Role | None = None
 
     @property
     def name(self) -> str:
@@ -119,7 +164,17 @@ class PlannedTensor(BaseModel):
 
     @property
     def dtype(self) -> str:
-        return self.base.dtype
+        """The dtype written to the output."""
+        return "BF16" if self.fp8 is not None and self.fp8.write == "dequantized" else self.base.dtype
+
+    @property
+    def dropped(self) -> bool:
+        return self.fp8 is not None and self.fp8.write == "dropped"
+
+    @property
+    def computed(self) -> bool:
+        """Written from arithmetic (a merge, a dtype conversion, a re-quantization) rather than copied as bytes."""
+        return bool(self.updates) or (self.fp8 is not None and not self.dropped)
 
 
 class ShardPlan(BaseModel):
@@ -133,25 +188,37 @@ class ShardPlan(BaseModel):
 
     @property
     def touched(self) -> list[PlannedTensor]:
+        """Tensors the adapter changes."""
         return [t for t in self.tensors if t.updates]
 
+    @property
+    def written(self) -> list[PlannedTensor]:
+        """Tensors that go to the output (all but the scale grids of weights written in bf16)."""
+        return [t for t in self.tensors if not t.dropped]
+
     def output_entries(self) -> tuple[TensorEntry, ...]:
-        return layout([(t.name, t.dtype, t.shape) for t in self.tensors])
+        return layout([(t.name, t.dtype, t.shape) for t in self.written])
 
     def copies_base_bytes(self) -> bool:
-        """No tensor changes value, dtype or shape: the output shard is the base shard, byte for byte."""
-        return all(not t.updates and t.shape == t.base.shape and t.dtype == t.base.dtype for t in self.tensors)
+        """No tensor changes value, dtype or shape, none is dropped: the output shard is the base shard."""
+        return all(not t.computed and not t.dropped and t.shape == t.base.shape for t in self.tensors)
 
     def layout_unchanged(self) -> bool:
-        return all(t.shape == t.base.shape for t in self.tensors)
+        """Same tensors, dtypes, shapes, hence offsets: the base's header bytes can be kept."""
+        return all(not t.dropped and t.shape == t.base.shape and t.dtype == t.base.dtype for t in self.tensors)
 
     def peak_bytes(self, adapter: AdapterIndex) -> int:
-        """Working memory of this shard's merge: the largest touched tensor in fp32 three times (base, delta,
-        result), its adapter tensors, and one copy buffer."""
+        """Working memory of this shard's merge: the largest computed tensor in fp32 three times (base, delta,
+        result; four for a re-quantized one), its adapter tensors, and one copy buffer."""
         worst = 0
-        for t in self.touched:
-            adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in t.updates for k in update_keys(u))
-            worst = max(worst, 3 * math.prod(t.shape) * 4 + t.base.nbytes + adapter_bytes)
+        for t in self.tensors:
+            if not t.computed:
+                continue
+            updates = t.updates or (t.fp8.weight_updates if t.fp8 else ())
+            adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
+            shape = t.fp8.weight.codes.entry.shape if t.fp8 else t.shape
+            copies = 4 if t.fp8 is not None and t.fp8.write in ("codes", "scales") else 3
+            worst = max(worst, copies * math.prod(shape) * 4 + t.base.nbytes + adapter_bytes)
         return worst + COPY_CHUNK_BYTES
 
 
@@ -169,6 +236,8 @@ class MergeJob(BaseModel):
     adapter: AdapterIndex
     output: Location
     device: str = "cpu"
+    # --fp8-min-cosine: fail a shard whose re-quantized weight keeps less of its intended delta than this
+    fp8_min_cosine: float | None = None
     fingerprint: str = ""
 
 
@@ -182,6 +251,8 @@ class MergePlan(BaseModel):
     index_metadata: dict[str, Any]
     extra_files: tuple[str, ...]
     config_updates: dict[str, int]
+    config_removals: tuple[str, ...] = ()  # dotted keys dropped from config.json (a bf16 output's quantization_config)
+    output_dtype: Literal["keep", "bf16", "fp8"] = "keep"
     decisions: tuple[str, ...]
     adapter_usage: dict[str, list[str]]  # adapter key -> base tensors it changes
 
@@ -220,7 +291,12 @@ def make_plan(
     *,
     device: str = "cpu",
     storage_options: dict[str, Any] | None = None,
+    output_dtype: OutputDtype = "auto",
+    fp8_min_cosine: float | None = None,
 ) -> MergePlan:
+    """Plan a merge. `output_dtype` matters only for an FP8 block-quantized base: `auto` (= `bf16` there) writes
+    every FP8 weight dequantized to bf16; `fp8` keeps untouched FP8 weights as they are and re-quantizes touched
+    ones."""
     base_loc = base if isinstance(base, Location) else Location.parse(base, storage_options, what="--base")
     adapter_loc = (
         adapter if isinstance(adapter, Location) else Location.parse(adapter, storage_options, what="--adapter")
@@ -235,8 +311,23 @@ def make_plan(
     adapter_index = load_adapter_index(adapter_loc)
 
     catalog = {t.name: t for h in headers for t in h.tensors}
+    fp8 = _block_fp8_weights(base_loc, config, headers)
+    mode = _output_mode(output_dtype, fp8, base_loc)
     resolver = _Resolver(catalog, config)
-    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config)
+    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config, set(fp8))
+    roles = _fp8_roles(fp8, updates, mode)
+    config_removals = _quantization_config_keys(config) if mode == "bf16" else ()
+    if mode == "bf16":
+        resolver.decisions.append(
+            f"FP8 base written in bf16: {len(fp8)} block-quantized weight(s) dequantized (merged where the adapter "
+            "touches them), their weight_scale_inv grids dropped, quantization_config removed from config.json"
+        )
+    elif mode == "fp8":
+        touched = sum(1 for name in fp8 if name in updates)
+        resolver.decisions.append(
+            f"FP8 base written in FP8: {touched} touched weight(s) re-quantized with fresh block scales (see the "
+            f"delta survival figures), {len(fp8) - touched} untouched FP8 weight(s) and their scales kept as they are"
+        )
 
     shards = []
     for header in headers:
@@ -244,7 +335,7 @@ def make_plan(
         for entry in header.tensors:
             tensor_updates = tuple(updates.get(entry.name, ()))
             shape = _replaced_shape(tensor_updates, adapter_index) or entry.shape
-            planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates))
+            planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates, fp8=roles.get(entry.name)))
         shards.append(
             ShardPlan(
                 file=header.file,
@@ -256,7 +347,14 @@ def make_plan(
         )
     base_files = set(base_loc.list_files())
     extra = tuple(sorted(f for f in base_files if _is_extra_file(f)))
-    job = MergeJob(base=base_loc, base_versions=versions, adapter=adapter_index, output=output_loc, device=device)
+    job = MergeJob(
+        base=base_loc,
+        base_versions=versions,
+        adapter=adapter_index,
+        output=output_loc,
+        device=device,
+        fp8_min_cosine=fp8_min_cosine,
+    )
     plan = MergePlan(
         job=job,
         shards=tuple(shards),
@@ -264,11 +362,105 @@ def make_plan(
         index_metadata=index_metadata,
         extra_files=extra,
         config_updates=config_updates,
+        config_removals=config_removals,
+        output_dtype=mode,
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )
     fingerprint = _fingerprint(plan, headers)
     return plan.model_copy(update={"job": job.model_copy(update={"fingerprint": fingerprint})})
+
+
+# -- FP8 block-quantized bases -----------------------------------------------------------------------------------
+
+
+def _quantization_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    for path, scope in (("", config), ("text_config.", config.get("text_config"))):
+        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict):
+            return f"{path}quantization_config", scope["quantization_config"]
+    return None
+
+
+def _quantization_config_keys(config: dict[str, Any]) -> tuple[str, ...]:
+    found = _quantization_config(config)
+    return (found[0],) if found else ()
+
+
+def _block_fp8_weights(base: Location, config: dict[str, Any], headers: list[ShardHeader]) -> dict[str, BlockFp8]:
+    """Every FP8 block-quantized weight of the base, recognised by its format (e4m3 codes with a float32
+    `weight_scale_inv` companion, wherever the index stores it, and a `weight_block_size`), not by model type."""
+    refs = {e.name: TensorRef(file=h.file, data_start=h.data_start, entry=e) for h in headers for e in h.tensors}
+    codes = sorted(name for name, ref in refs.items() if ref.entry.dtype.startswith("F8_"))
+    if not codes:
+        return {}
+    found = _quantization_config(config)
+    quant = found[1] if found else {}
+    block = quant.get("weight_block_size")
+    where = base.describe("config.json")
+    problems: list[str] = []
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointFormatError(
+            f"{codes[0]} and {len(codes) - 1} other tensor(s) are FP8, but {where} has no quantization_config with "
+            "a weight_block_size [rows, cols]: only block-quantized FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2) can "
+            "be merged; dequantize other FP8 formats first"
+        )
+    scale_fmt = quant.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0", "float", "fp32"):
+        raise CheckpointFormatError(f"{where}: quantization_config.scale_fmt {scale_fmt!r} is not supported")
+    weights: dict[str, BlockFp8] = {}
+    for name in codes:
+        ref = refs[name]
+        scale = refs.get(f"{name}_scale_inv")
+        if ref.entry.dtype != "F8_E4M3":
+            problems.append(f"{name} ({ref.file}) is {ref.entry.dtype}; block-quantized weights are F8_E4M3")
+        elif not name.endswith(".weight") or scale is None:
+            problems.append(f"{name} ({ref.file}) is F8_E4M3 without a {name}_scale_inv companion anywhere in the base")
+        elif len(ref.entry.shape) != 2:
+            problems.append(f"{name} ({ref.file}) is FP8 with shape {list(ref.entry.shape)}; block scales need 2-D")
+        elif scale.entry.dtype != "F32" or scale.entry.shape != scale_grid_shape(ref.entry.shape, tuple(block)):
+            expected = list(scale_grid_shape(ref.entry.shape, tuple(block)))
+            problems.append(
+                f"{scale.entry.name} ({scale.file}) is {scale.entry.dtype} {list(scale.entry.shape)}; a "
+                f"{list(ref.entry.shape)} weight with {block} blocks needs F32 {expected}"
+            )
+        else:
+            weights[name] = BlockFp8(codes=ref, scales=scale, block=tuple(block), ue8m0=scale_fmt == "ue8m0")
+    if problems:
+        raise CheckpointFormatError(
+            f"{base.uri} is not a block-FP8 checkpoint this tool can read: "
+            + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+    return weights
+
+
+OutputDtype = Literal["auto", "bf16", "fp8"]
+
+
+def _output_mode(output_dtype: str, fp8: dict[str, BlockFp8], base: Location) -> Literal["keep", "bf16", "fp8"]:
+    if output_dtype not in ("auto", "bf16", "fp8"):
+        raise LoraMergeError(f"--output-dtype must be auto, bf16 or fp8, not {output_dtype!r}")
+    if not fp8:
+        if output_dtype != "auto":
+            raise LoraMergeError(
+                f"--output-dtype {output_dtype} converts FP8 block-quantized checkpoints, and {base.uri} has no FP8 "
+                "weights; leave --output-dtype at auto (every tensor keeps its dtype)"
+            )
+        return "keep"
+    return "fp8" if output_dtype == "fp8" else "bf16"
+
+
+def _fp8_roles(fp8: dict[str, BlockFp8], updates: dict[str, list[Update]], mode: str) -> dict[str, Fp8Role]:
+    roles: dict[str, Fp8Role] = {}
+    for name, weight in fp8.items():
+        scale = weight.scales.entry.name
+        if mode == "bf16":
+            roles[name] = Fp8Role(write="dequantized", weight=weight)
+            roles[scale] = Fp8Role(write="dropped", weight=weight)
+        elif name in updates:
+            roles[name] = Fp8Role(write="codes", weight=weight)
+            roles[scale] = Fp8Role(write="scales", weight=weight, weight_updates=tuple(updates[name]))
+    return roles
 
 
 def _is_extra_file(name: str) -> bool:
@@ -455,7 +647,7 @@ class _Group(BaseModel):
 
 
 def _plan_updates(
-    adapter: AdapterIndex, resolver: _Resolver, config: dict[str, Any]
+    adapter: AdapterIndex, resolver: _Resolver, config: dict[str, Any], fp8_weights: set[str]
 ) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int]]:
     groups: dict[str, _Group] = {}
     replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
@@ -545,7 +737,7 @@ def _plan_updates(
         )
     for target in updates:
         dtype = resolver.catalog[target].dtype
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and target not in fp8_weights:
             problems.append(
                 f"{target} is {dtype}: this tool merges into bf16/fp16/fp32/fp64 tensors only (a quantized base "
                 "needs dequantizing first)"

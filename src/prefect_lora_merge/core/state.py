@@ -17,6 +17,7 @@ import time
 from pydantic import BaseModel
 
 from .errors import LoraMergeError, OutputLocationError
+from .fp8 import DeltaSurvival
 from .plan import INDEX_FILE, MANIFEST_FILE, MergeJob, MergePlan, ShardPlan
 from .storage import Location
 
@@ -36,6 +37,7 @@ class ShardRecord(BaseModel):
     tensors: int
     touched: list[str]
     applied: list[str]  # adapter keys, once per application
+    fp8_deltas: list[DeltaSurvival] = []  # per re-quantized FP8 weight: how much of its delta survived
 
 
 class ShardReceipt(ShardRecord):

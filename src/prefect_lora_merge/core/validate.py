@@ -166,6 +166,13 @@ def _check_against_plan(
         for tensor in shard.tensors:
             checks["tensors"] += 1
             entry = got.pop(tensor.name, None)
+            if tensor.dropped:
+                if entry is not None:
+                    failures.append(
+                        f"{shard.file}: tensor {tensor.name!r} is a scale grid of a weight written in bf16 and should "
+                        "not be in the output"
+                    )
+                continue
             if entry is None:
                 failures.append(f"{shard.file}: tensor {tensor.name!r} of the base is missing from the output")
             elif entry.dtype != tensor.dtype or entry.shape != tensor.shape:
