@@ -270,6 +270,7 @@ class MergePlan(BaseModel):
             "adapter": self.job.adapter.location.uri,
             "output": self.job.output.uri,
             "fingerprint": self.fingerprint,
+            "output_dtype": self.output_dtype,
             "shards": len(self.shards),
             "shards_touched": sum(1 for s in self.shards if s.touched),
             "tensors": sum(len(s.tensors) for s in self.shards),
@@ -398,7 +399,10 @@ def _block_fp8_weights(base: Location, config: dict[str, Any], headers: list[Sha
     block = quant.get("weight_block_size")
     where = base.describe("config.json")
     problems: list[str] = []
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    valid_block = isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    if not valid_block and not any(f"{name}_scale_inv" in refs for name in codes):
+        return {}  # FP8 tensors of another scheme (or none): copied as bytes; an adapter update on them is refused
+    if not valid_block:
         raise CheckpointFormatError(
             f"{codes[0]} and {len(codes) - 1} other tensor(s) are FP8, but {where} has no quantization_config with "
             "a weight_block_size [rows, cols]: only block-quantized FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2) can "
