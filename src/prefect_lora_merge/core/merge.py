@@ -237,9 +237,17 @@ def _fp8_tensor(
         codes_bytes, scale_bytes, updates = data, companion, planned.updates
     codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
     scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
+    name = weight.codes.entry.name
+    if role.write == "dequantized" and not updates:  # straight to bf16, a band at a time: no full fp32 copy
+        result = dequantize(codes, scales, weight.block, torch.bfloat16).cpu()
+        if not _all_finite(result):
+            raise CheckpointFormatError(
+                f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
+                f"{weight.scales.file}): the base checkpoint is damaged"
+            )
+        return result, None
     values = dequantize(codes, scales, weight.block)
     del codes
-    name = weight.codes.entry.name
     if not _all_finite(values):
         raise CheckpointFormatError(
             f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
