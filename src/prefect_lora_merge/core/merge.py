@@ -86,9 +86,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
         or header.header_bytes != shard.base_header_bytes
         or header.tensors != tuple(t.base for t in shard.tensors)
     ):
-        raise CheckpointFormatError(
-            f"{base.describe(shard.file)} changed since the merge was planned; plan the merge again"
-        )
+        raise _changed_since_planned(base.describe(shard.file))
     adapter = job.adapter
     if adapter.location.version(adapter.file) != adapter.version:
         raise LoraMergeError(
@@ -157,6 +155,11 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     return receipt
 
 
+def _changed_since_planned(what: str) -> CheckpointFormatError:
+    """A base shard is not what was planned (rewritten, re-uploaded): its plan no longer describes its bytes."""
+    return CheckpointFormatError(f"{what} changed since the merge was planned; plan the merge again")
+
+
 def _copy_server_side(job: MergeJob, shard: ShardPlan, started: float) -> ShardReceipt | None:
     """An untouched shard copied by the storage itself (no bytes through this process); None where the base and
     output do not share a filesystem that can do that."""
@@ -165,9 +168,7 @@ def _copy_server_side(job: MergeJob, shard: ShardPlan, started: float) -> ShardR
         return None
     if base.version(shard.file) != job.base_versions.get(shard.file) or output.size(shard.file) != shard.base_size:
         output.remove(shard.file)  # the base changed while it was being copied: never keep a copy of other bytes
-        raise CheckpointFormatError(
-            f"{base.describe(shard.file)} changed since the merge was planned; plan the merge again"
-        )
+        raise _changed_since_planned(base.describe(shard.file))
     receipt = ShardReceipt(
         file=shard.file,
         bytes=shard.base_size,
@@ -188,14 +189,11 @@ def _merge_tensor(
     planned: PlannedTensor, data: bytes, fetch: Callable[[str], torch.Tensor], device: torch.device
 ) -> torch.Tensor:
     dtype = torch_dtype(planned.dtype)
-    with warnings.catch_warnings():
-        # The read buffer is immutable bytes; the fp32 copy made right away is what gets modified.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        base = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    base = _from_buffer(data, dtype, planned.base.shape)
     # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
-    weight = base.reshape(planned.base.shape).to(device=device, dtype=compute, copy=True)
+    weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
     del base
     merged = merged_tensor(weight, planned.updates, lambda key: fetch(key).to(compute))
@@ -212,6 +210,7 @@ def _merge_tensor(
 
 
 def _from_buffer(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A read-only tensor over the read buffer: callers copy (convert, dequantize) before modifying anything."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
@@ -238,36 +237,33 @@ def _fp8_tensor(
     codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
     scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
     name = weight.codes.entry.name
-    if role.write == "dequantized" and not updates:  # straight to bf16, a band at a time: no full fp32 copy
-        result = dequantize(codes, scales, weight.block, torch.bfloat16).cpu()
-        if not _all_finite(result):
+
+    def require_finite(tensor: torch.Tensor, after: str) -> None:
+        if _all_finite(tensor):
+            return
+        if after == "dequantizing":
             raise CheckpointFormatError(
                 f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
                 f"{weight.scales.file}): the base checkpoint is damaged"
             )
-        return result, None
-    values = dequantize(codes, scales, weight.block)
-    del codes
-    if not _all_finite(values):
-        raise CheckpointFormatError(
-            f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
-            f"{weight.scales.file}): the base checkpoint is damaged"
-        )
-    if role.write == "dequantized":
-        merged = merged_tensor(values, updates, fetch) if updates else values
-        result = merged.to(torch.bfloat16).cpu()
-        if not _all_finite(result):
-            raise LoraMergeError(
-                f"merging into {name} produced NaN/Inf values in bf16: the adapter's tensors for "
-                f"{', '.join(u.module for u in updates)} are broken"
-            )
-        return result, None
-    merged = merged_tensor(values.clone(), updates, fetch)
-    if not _all_finite(merged):
         raise LoraMergeError(
             f"merging into {name} produced NaN/Inf values: the adapter's tensors for "
             f"{', '.join(u.module for u in updates)} are broken"
         )
+
+    if role.write == "dequantized" and not updates:  # straight to bf16, a band at a time: no full fp32 copy
+        result = dequantize(codes, scales, weight.block, torch.bfloat16).cpu()
+        require_finite(result, "dequantizing")
+        return result, None
+    values = dequantize(codes, scales, weight.block)
+    del codes
+    require_finite(values, "dequantizing")
+    if role.write == "dequantized":
+        result = merged_tensor(values, updates, fetch).to(torch.bfloat16).cpu()
+        require_finite(result, "merging")  # bf16 has fp32's range: a finite merge stays finite
+        return result, None
+    merged = merged_tensor(values.clone(), updates, fetch)
+    require_finite(merged, "merging")
     new_codes, new_scales = quantize(merged, weight.block, ue8m0=weight.ue8m0)
     if role.write == "scales":
         return new_scales.cpu(), None
