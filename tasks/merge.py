@@ -63,4 +63,5 @@ def consolidate_output(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifes
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE)
 def validate_merge(plan: MergePlan, manifest: Manifest) -> ValidationReport:
     """Validate, then publish the manifest (the commit point) only if everything passed."""
-    return finish_validation(plan, manifest)
+    report, _ = finish_validation(plan, manifest)
+    return report

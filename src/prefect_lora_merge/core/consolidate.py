@@ -140,14 +140,20 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _updated_config(config: dict[str, Any], updates: dict[str, int], removals: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of `config` with dotted keys set to new values and others removed."""
     config = copy.deepcopy(config)
-    for dotted, value in [*updates.items(), *((d, None) for d in removals)]:
+
+    def parent_of(dotted: str) -> tuple[dict[str, Any], str]:
         scope = config
         *parents, leaf = dotted.split(".")
         for parent in parents:
             scope = scope[parent]
-        if dotted in removals:
-            scope.pop(leaf, None)
-        else:
-            scope[leaf] = value
+        return scope, leaf
+
+    for dotted, value in updates.items():
+        scope, leaf = parent_of(dotted)
+        scope[leaf] = value
+    for dotted in removals:
+        scope, leaf = parent_of(dotted)
+        scope.pop(leaf, None)
     return config

@@ -51,16 +51,16 @@ def merge_checkpoint(
         claim_output(plan, overwrite=overwrite)
         receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
         manifest = consolidate(plan, receipts)
-        report = finish_validation(plan, manifest)
-    published = with_checksums(manifest, report.checksums_taken)
+        report, published = finish_validation(plan, manifest)
     return MergeResult(plan=plan, receipts=receipts, manifest=published, report=report)
 
 
-def finish_validation(plan: MergePlan, manifest: Manifest) -> ValidationReport:
+def finish_validation(plan: MergePlan, manifest: Manifest) -> tuple[ValidationReport, Manifest]:
     """Validate a consolidated output against its plan and the manifest to be; publish the manifest only if it
-    passes, so a failed output is never taken as done."""
+    passes, so a failed output is never taken as done. Returns the report and the manifest as published."""
     report = validate_output(plan.job.output, plan, manifest)
     if not report.passed:
         raise ValidationFailed(report.failures)
-    publish_manifest(plan.job.output, with_checksums(manifest, report.checksums_taken))
-    return report
+    published = with_checksums(manifest, report.checksums_taken)
+    publish_manifest(plan.job.output, published)
+    return report, published

@@ -45,9 +45,9 @@ STORAGE_FAILURES = _storage_failures()
 SERVER_COPY_PROTOCOLS = ("s3", "s3a")
 
 
-def _kernel_copy(src: str, dst: str) -> None:
-    """Copy a local file inside the kernel, durably: copy_file_range where the OS has it, else sendfile."""
-    with open(src, "rb") as reader, open(dst, "wb") as writer:
+def _kernel_copy(src: str, writer: BinaryIO) -> None:
+    """Copy a local file into an open local file inside the kernel: copy_file_range where the OS has it."""
+    with open(src, "rb") as reader:
         size = os.fstat(reader.fileno()).st_size
         copied = 0
         try:
@@ -64,8 +64,6 @@ def _kernel_copy(src: str, dst: str) -> None:
             copied = writer.tell()
         if copied != size:
             raise OSError(f"copied {copied} of {size} bytes from {src}")
-        writer.flush()
-        os.fsync(writer.fileno())
 
 
 @dataclass(frozen=True)
@@ -256,19 +254,8 @@ class Location:
             return False
         fs, src, target = self.fs, source.path(name), self.path(name)
         if isinstance(fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            temp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}")
-            try:
-                _kernel_copy(src, temp)
-                os.replace(temp, target)
-            except BaseException as exc:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-                if isinstance(exc, STORAGE_FAILURES):
-                    raise StorageError(
-                        f"copying {source.describe(name)} to {self.describe(name)} failed ({exc})"
-                    ) from exc
-                raise
+            with self.atomic_writer(name) as handle:  # hidden sibling, fsync, rename; removed on any failure
+                _kernel_copy(src, handle)
             return True
         protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
         if isinstance(fs, MemoryFileSystem) or set(protocols) & set(SERVER_COPY_PROTOCOLS):
