@@ -19,8 +19,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import DeepseekV3ForCausalLM
 
+from prefect_lora_merge.core import fp8
 from prefect_lora_merge.core.errors import CheckpointFormatError, LoraMergeError
-from prefect_lora_merge.core.fp8 import dequantize, quantize
+from prefect_lora_merge.core.fp8 import dequantize, quantize, requantize
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 
@@ -260,6 +261,47 @@ def test_ue8m0_checkpoints_are_requantized_with_power_of_two_scales(tmp_path):
         assert torch.equal(torch.log2(grid), torch.log2(grid).round()), name
 
 
+def test_tile_by_tile_gives_the_same_bytes_as_whole_tensors(case, bf16_out, fp8_out, tmp_path, monkeypatch):
+    """The fixture's weights fit in one tile; one block per tile cuts every weight, ragged edges included."""
+    monkeypatch.setattr(fp8, "_TILE_VALUES", BLOCK * BLOCK)
+    for mode, (reference, result) in (("bf16", bf16_out), ("fp8", fp8_out)):
+        out = tmp_path / mode
+        tiled = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype=mode)
+        for path in shards(reference):
+            assert (out / path.name).read_bytes() == path.read_bytes(), (mode, path.name)
+        cosines = [d.cosine for r in tiled.receipts for d in r.fp8_deltas]
+        assert cosines == pytest.approx([d.cosine for r in result.receipts for d in r.fp8_deltas], abs=1e-6)
+
+
+def test_requantize_is_quantize_of_the_merged_weight_with_exact_survival_figures(monkeypatch):
+    monkeypatch.setattr(fp8, "_TILE_VALUES", 2 * BLOCK * BLOCK)
+    torch.manual_seed(3)
+    codes, scales = quantize(0.02 * torch.randn(300, 700), (BLOCK, BLOCK))  # ragged both ways, 3 x 6 blocks
+    delta = 0.002 * torch.randn(300, 4) @ torch.randn(4, 700)
+    base = dequantize(codes, scales, (BLOCK, BLOCK))
+    new_codes, new_scales, survival = requantize(
+        codes, scales, (BLOCK, BLOCK), lambda values, rows, cols: values + delta[rows, cols], ue8m0=False, tensor="w"
+    )
+    expected_codes, expected_scales = quantize(base + delta, (BLOCK, BLOCK))
+    assert torch.equal(new_codes.view(torch.uint8), expected_codes.view(torch.uint8))
+    assert torch.equal(new_scales, expected_scales)
+    intended = ((base + delta) - base).double().flatten()
+    realised = (dequantize(new_codes, new_scales, (BLOCK, BLOCK)) - base).double().flatten()
+    assert survival.tensor == "w"
+    cosine = float(intended @ realised / (intended.norm() * realised.norm()))
+    assert survival.cosine == pytest.approx(cosine, abs=1e-6)
+    assert survival.relative_norm == pytest.approx(float(realised.norm() / intended.norm()), rel=1e-6)
+    assert survival.relative_error == pytest.approx(float((realised - intended).norm() / intended.norm()), rel=1e-5)
+    assert 0.5 < survival.cosine < 1, "a delta this small loses part of itself to FP8 rounding"
+
+
+def test_nan_codes_decode_to_nan_as_torch_decodes_them():
+    codes = torch.tensor([[0x7F, 0xFF, 0x7E, 0x01]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    values = dequantize(codes, torch.ones(1, 1), (BLOCK, BLOCK))
+    assert torch.equal(values.isnan(), codes.float().isnan())
+    assert values[0, 2:].tolist() == codes.float()[0, 2:].tolist()
+
+
 # -- bad inputs ----------------------------------------------------------------------------------------------------
 
 
@@ -278,6 +320,21 @@ def test_an_fp8_weight_without_its_scale_is_refused_by_name(case, tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointFormatError, match=f"{victim}.*without a {victim}_scale_inv"):
         make_plan(str(broken), str(case.adapter_dir), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8"])
+def test_a_nan_code_in_a_touched_base_weight_is_blamed_on_the_base(case, tmp_path, mode):
+    broken = tmp_path / "broken"
+    shutil.copytree(case.base_dir, broken)
+    victim = "model.layers.0.self_attn.o_proj.weight"
+    file = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][victim]
+    header, body = read_raw_header(broken / file)
+    begin = header[victim]["data_offsets"][0]
+    raw = bytearray((broken / file).read_bytes())
+    raw[len(raw) - len(body) + begin + 5] = 0x7F  # e4m3fn NaN
+    (broken / file).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointFormatError, match=f"{victim} holds NaN/Inf after dequantizing.*damaged"):
+        merge_checkpoint(str(broken), str(case.adapter_dir), str(tmp_path / "out"), output_dtype=mode)
 
 
 def test_fp8_without_a_block_size_is_refused(case, tmp_path):

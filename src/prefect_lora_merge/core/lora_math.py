@@ -12,9 +12,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .fp8 import TileMerge
 from .plan import Update
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
+
+TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time
+WHOLE = (slice(None), slice(None))
 
 
 def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetch) -> torch.Tensor:
@@ -39,14 +43,35 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
     return weight
 
 
-def delta_weight(update: Update, fetch: Fetch) -> torch.Tensor:
-    """The update's ΔW in the base tensor's own layout, scaling included (a new tensor the caller may modify)."""
+def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
+    """`merged_tensor` one tile of the weight at a time, for updates whose ΔW splits by rows and columns (LoRA on a
+    linear weight or on one expert's slice); None for the others (DoRA's norms span the whole weight).
+
+    A tile of `B @ A` is `B[rows] @ A[:, cols]`: the same dot products in the same order, so the same bits."""
+    if not all(u.kind == "delta" and u.form in TILED_FORMS and not u.magnitude for u in updates):
+        return None
+
+    def merge(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        first, *rest = (delta_weight(update, fetch, (rows, cols)) for update in updates)
+        merged = first.add_(values)  # ΔW + W is W + ΔW (addition commutes exactly), in ΔW's fresh buffer
+        for delta in rest:
+            merged.add_(delta)
+        return merged
+
+    return merge
+
+
+def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:
+    """The update's ΔW in the base tensor's own layout, scaling included (a new tensor the caller may modify);
+    `tile` (rows, columns) asks for part of it, for the forms in TILED_FORMS."""
+    assert tile == WHOLE or update.form in TILED_FORMS, update.form
+    rows, cols = tile
     s = update.scale
     if update.form == "bias":
         return fetch(update.adapter_tensors[0]) * s
     A, B = (fetch(k) for k in update.adapter_tensors)
     if update.form == "linear":
-        return (B @ A).mul_(s)
+        return (B[rows] @ A[:, cols]).mul_(s)
     if update.form in ("linear_t", "embedding"):
         return (B @ A).T.mul_(s)
     if update.form == "conv":
@@ -64,7 +89,7 @@ def delta_weight(update: Update, fetch: Fetch) -> torch.Tensor:
     # One expert's slice of the fused delta, for checkpoints that store experts as separate Linear weights.
     assert update.expert is not None and update.rows is not None
     start, end = update.rows
-    return (B3[start:end, :, update.expert] @ A3[update.expert]).mul_(s)
+    return (B3[start:end, :, update.expert][rows] @ A3[update.expert][:, cols]).mul_(s)
 
 
 def _dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> None:
