@@ -10,12 +10,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from prefect_lora_merge.core.errors import LoraMergeError
+from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
 from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
 from prefect_lora_merge.core.lease import output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MergePlan
+from prefect_lora_merge.core.recompute import TensorNumbers
 from prefect_lora_merge.core.state import ShardReceipt, claim_output
+from prefect_lora_merge.flows.artifacts import ShardProgress, publish_shard_table, publish_summary
 from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
 
 
@@ -34,6 +36,9 @@ class MergeSummary(BaseModel):
     fp8_weak_deltas: list[DeltaSurvival] = []
     validation_passed: bool
     validation_checks: dict[str, int]
+    validation_seconds: float = 0.0  # part of `seconds`
+    # the touched tensor the merge changed most, by ‖output − base‖ / ‖base‖ on the rows validation recomputed
+    largest_change: TensorNumbers | None = None
     decisions: list[str]
 
 
@@ -58,6 +63,7 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         sum(len(s.touched) for s in plan.shards),
         plan.estimated_peak_bytes / 2**20,
     )
+    progress = ShardProgress(plan)
     futures = {merge_one_shard.submit(plan.job, shard): shard for shard in plan.shards}
     receipts: list[ShardReceipt] = []
     failures: list[str] = []
@@ -76,7 +82,10 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
             except Exception as exc:  # every shard gets its chance before the flow fails
                 failures.append(f"{shard.file}: {exc}")
             bar.update(shard.base_size)
+            progress.advance(shard.base_size)
     if failures:
+        publish_shard_table(plan, receipts, {})
+        publish_summary(plan, failures, None, time.perf_counter() - started)
         raise ShardsFailed(
             f"{len(failures)} of {len(plan.shards)} shard(s) failed (the others are written; re-run to finish): "
             + "; ".join(failures[:3])
@@ -92,7 +101,14 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
             d.relative_error,
         )
     manifest = consolidate_output(plan, receipts)
-    report = validate_merge(plan, manifest)
+    try:
+        report = validate_merge(plan, manifest)
+    except ValidationFailed as failed:
+        publish_shard_table(plan, receipts, {})
+        publish_summary(plan, failed.failures, None, time.perf_counter() - started)
+        raise
+    publish_shard_table(plan, receipts, report.checksums_taken)
+    publish_summary(plan, [], report, time.perf_counter() - started)
     return MergeSummary(
         output=plan.job.output.uri,
         fingerprint=plan.fingerprint,
@@ -107,6 +123,12 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         fp8_weak_deltas=weak,
         validation_passed=report.passed,
         validation_checks=report.checks,
+        validation_seconds=report.seconds,
+        largest_change=max(
+            (n for n in report.numbers if n.relative_change is not None),
+            key=lambda n: n.relative_change or 0.0,
+            default=None,
+        ),
         decisions=list(plan.decisions),
     )
 

@@ -20,6 +20,7 @@ from checkpoint_tools import tree_digest
 from s3_server import BUCKET
 
 from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import REPORT_FILE
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -34,8 +35,8 @@ KILL_POINTS = [
 
 
 def _published(directory: Path) -> dict[str, str]:
-    """sha256 of the published files (the state directory is bookkeeping, not output)."""
-    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/")}
+    """sha256 of the published files (the state directory is bookkeeping, the report records timings)."""
+    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/") and k != REPORT_FILE}
 
 
 class Output:
@@ -62,7 +63,7 @@ class Output:
         return (Path(self.uri) / name).read_bytes() if self.s3 is None else self.s3.fs().cat_file(self._key(name))
 
     def published(self) -> dict[str, str]:
-        return {name: hashlib.sha256(self.read(name)).hexdigest() for name in self.files()}
+        return {name: hashlib.sha256(self.read(name)).hexdigest() for name in self.files() if name != REPORT_FILE}
 
     def leftovers(self) -> list[str]:
         """Partial files (local) or in-progress multipart uploads (S3) under the output."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 
 import pytest
@@ -95,6 +96,63 @@ def test_cli_run_then_validate_against_base_and_adapter(llama_case, tmp_path, ca
     out = tmp_path / "merged"
     inputs = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir)]
     assert main(["run", *inputs, "--output", str(out), "--device", "cpu", "--workers", "2"]) == 0
-    assert "validation passed" in capsys.readouterr().out
+    run = capsys.readouterr().out
+    assert "validation passed in" in run and "of the merge's time" in run
+    assert re.search(r"largest change ‖ΔW‖/‖W‖: [0-9.e-]+ on model\.layers\.\d\.\S+\.weight", run), run
     assert main(["validate", "--output", str(out), *inputs]) == 0
-    assert capsys.readouterr().out.startswith("passed")
+    checked = capsys.readouterr().out
+    assert checked.startswith("passed") and "14 tensors recomputed" in checked, checked
+
+
+async def _artifacts(flow_run_id) -> list[dict]:
+    """The flow run's artifacts, through the server's REST API (the 3.8 client sends nulls its server refuses)."""
+    async with get_client() as client:
+        response = await client._client.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50}
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+def test_a_run_publishes_its_report_and_artifacts(llama_case, tmp_path):
+    out = tmp_path / "reported"
+    state = lora_merge(_params(llama_case, out), return_state=True)
+    assert state.is_completed()
+    artifacts = {a["type"]: a for a in asyncio.run(_artifacts(state.state_details.flow_run_id))}
+    assert set(artifacts) == {"progress", "table", "markdown"}
+
+    assert artifacts["progress"]["data"] == pytest.approx(100.0), "every shard finished"
+    table = artifacts["table"]["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    shard_files = sorted(p.name for p in llama_case.base_dir.glob("*.safetensors"))
+    assert [r["shard"] for r in rows] == shard_files
+    manifest = json.loads((out / "lora-merge-manifest.json").read_text())
+    assert {r["shard"]: r["sha256"] for r in rows} == {f: manifest["files"][f]["sha256"] for f in shard_files}
+    assert {r["outcome"] for r in rows} == {"merged", "copied server-side"}, "lm_head's shard is untouched"
+    assert sum(r["touched"] for r in rows) == 14
+
+    summary = artifacts["markdown"]["data"]
+    assert summary.startswith(f"# LoRA merge into `{out}`") and "## Passed" in summary
+    assert "| tensors recomputed | 14 |" in summary and "‖ΔW‖/‖W‖" in summary
+
+    report = json.loads((out / "lora-merge-report.json").read_text())
+    assert report["passed"] and len(report["numbers"]) == 14
+    assert "lora-merge-report.json" not in manifest["files"], "the report records timings: not part of the output"
+
+
+def test_a_failed_validation_puts_the_failures_first_in_the_summary(llama_case, tmp_path, monkeypatch):
+    from prefect_lora_merge.core import recompute
+
+    # A merge whose arithmetic disagrees with the recomputation: the recomputation sees a different adapter scale.
+    real = recompute._apply_rows
+    monkeypatch.setattr(recompute, "_apply_rows", lambda u, *a: real(u.model_copy(update={"scale": 3 * u.scale}), *a))
+    out = tmp_path / "refused"
+    state = lora_merge(_params(llama_case, out), return_state=True)
+    assert state.is_failed()
+    summary = next(a for a in asyncio.run(_artifacts(state.state_details.flow_run_id)) if a["type"] == "markdown")[
+        "data"
+    ]
+    assert re.fullmatch(r"## FAILED: \d+ problem\(s\)", summary.splitlines()[2]), summary
+    assert "differ from base + adapter recomputed in float64" in summary.splitlines()[4]
+    assert not (out / "lora-merge-manifest.json").exists(), "nothing is published"
+    assert not json.loads((out / "lora-merge-report.json").read_text())["passed"]

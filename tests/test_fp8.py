@@ -6,6 +6,7 @@ dequantized weights, so the delta applies to the dequantized float32 weight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from prefect_lora_merge.core.errors import CheckpointFormatError, LoraMergeError
 from prefect_lora_merge.core.fp8 import dequantize, quantize, requantize
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
+from prefect_lora_merge.core.validate import validate_output
 
 SCALE = 8 / 4  # lora_alpha / r of the fixture's adapter
 
@@ -216,6 +218,33 @@ def test_fp8_output_reports_how_much_of_each_delta_survived(case, fp8_out):
     manifest = json.loads((out / "lora-merge-manifest.json").read_text())
     assert manifest["output_dtype"] == "fp8"
     assert sorted(d["tensor"] for s in manifest["shards"] for d in s["fp8_deltas"]) == touched
+
+
+def test_validation_recomputes_every_converted_and_requantized_weight(case, bf16_out, fp8_out):
+    for (_, result), expected in ((bf16_out, set(case.quantized)), (fp8_out, set(_attention_deltas(case)))):
+        numbers = {n.tensor: n for n in result.report.numbers}
+        assert expected <= set(numbers), expected - set(numbers)
+        assert all(n.flips <= 0.01 for n in numbers.values())
+
+
+def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, fp8_out, tmp_path):
+    out = shutil.copytree(fp8_out[0], tmp_path / "damaged")
+    name = sorted(_attention_deltas(case))[0]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    file = index["weight_map"][name]
+    header, body = read_raw_header(out / file)
+    begin, end = header[name]["data_offsets"]
+    base_codes = _raw(case.base_dir)[name]
+    raw = bytearray((out / file).read_bytes())
+    start = len(raw) - len(body) + begin
+    raw[start : start + end - begin] = base_codes
+    (out / file).write_bytes(bytes(raw))
+    manifest = json.loads((out / "lora-merge-manifest.json").read_text())
+    manifest["files"][file] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (out / "lora-merge-manifest.json").write_text(json.dumps(manifest))
+    plan = make_plan(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
+    report = validate_output(plan.job.output, plan)
+    assert any(f.startswith(f"{file}: {name} rows") for f in report.failures), report.failures
 
 
 def test_a_delta_that_does_not_survive_fails_the_shard_past_the_users_threshold(case, tmp_path):

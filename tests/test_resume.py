@@ -10,13 +10,14 @@ from checkpoint_tools import tree_digest
 
 from prefect_lora_merge.core.lease import LEASE_FILE, Lease, OutputLocked, output_lease
 from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import REPORT_FILE
 from prefect_lora_merge.core.state import record_name
 from prefect_lora_merge.core.storage import Location
 
 
 def _published(directory) -> dict[str, str]:
-    """sha256 of the published files (the state directory is bookkeeping, not output)."""
-    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/")}
+    """sha256 of the published files (the state directory is bookkeeping, the report records timings)."""
+    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/") and k != REPORT_FILE}
 
 
 @pytest.fixture

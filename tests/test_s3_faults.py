@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import REPORT_FILE
 from prefect_lora_merge.core.storage import Location
 from prefect_lora_merge.flows import run_merge
 
@@ -47,7 +48,9 @@ def _weights(s3, prefix: str) -> dict[str, str]:
     return {
         p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
         for p in fs.find(f"{BUCKET}/{prefix}")
-        if p.endswith((".safetensors", ".json")) and "/.lora-merge/" not in p and not p.endswith("manifest.json")
+        if p.endswith((".safetensors", ".json"))
+        and "/.lora-merge/" not in p
+        and not p.endswith(("manifest.json", REPORT_FILE))
     }
 
 
@@ -55,7 +58,7 @@ def _local_weights(directory: Path) -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in directory.iterdir()
-        if p.is_file() and p.suffix in (".safetensors", ".json") and not p.name.endswith("manifest.json")
+        if p.is_file() and p.suffix in (".safetensors", ".json") and not p.name.endswith(("manifest.json", REPORT_FILE))
     }
 
 

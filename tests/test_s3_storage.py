@@ -17,6 +17,7 @@ from s3_server import BUCKET, S3Server
 
 from prefect_lora_merge.core.errors import StorageError
 from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import REPORT_FILE
 from prefect_lora_merge.core.storage import Location
 
 MIB = 2**20
@@ -30,12 +31,15 @@ def _uploads(s3: S3Server, prefix: str) -> list[dict]:
 
 
 def _sha256_tree_local(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+    """sha256 of every output file but the validation report (it records this run's timings)."""
+    files = [p for p in sorted(directory.iterdir()) if p.is_file() and p.name != REPORT_FILE]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _sha256_tree_s3(s3: S3Server, prefix: str) -> dict[str, str]:
     fs = s3.fs()
     files = [e["name"] for e in fs.ls(f"{BUCKET}/{prefix}", detail=True) if e["type"] == "file"]
+    files = [name for name in files if not name.endswith(f"/{REPORT_FILE}")]
     return {name.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(name)).hexdigest() for name in sorted(files)}
 
 

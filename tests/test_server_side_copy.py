@@ -14,7 +14,9 @@ import pytest
 from checkpoint_tools import edit_adapter_tensors, shards
 from s3_server import BUCKET
 
+from prefect_lora_merge.core import recompute
 from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import REPORT_FILE
 from prefect_lora_merge.core.safetensors_format import read_header
 from prefect_lora_merge.core.storage import Location
 from prefect_lora_merge.core.validate import validate_output
@@ -55,6 +57,13 @@ def _reads_of(monkeypatch) -> list[tuple[str, int | None, int | None]]:
     return reads
 
 
+def _small_validation_samples(monkeypatch) -> int:
+    """Validation compares a few byte ranges of each copied shard with the base: make them small enough that the
+    shard's data could not hide in them, and return the most they read from one shard."""
+    monkeypatch.setattr(recompute, "COPY_SAMPLE_BYTES", 64)
+    return recompute.COPY_SAMPLES * recompute.COPY_SAMPLE_BYTES
+
+
 def _data_bytes_read(reads, location: Location, file: str) -> int:
     """Bytes of `file` read past its header: the tensor data that went through the tool."""
     data_start, path = read_header(location, file).data_start, location.describe(file)
@@ -70,6 +79,7 @@ def test_untouched_shards_are_copied_by_the_kernel_and_never_read_by_the_tool(la
     assert not any(r.copied_server_side for r in streamed.receipts)
 
     reads = _reads_of(monkeypatch)
+    sampled = _small_validation_samples(monkeypatch)
     out = tmp_path / "copied"
     result = merge_checkpoint(str(base), str(adapter), str(out))
 
@@ -77,10 +87,10 @@ def test_untouched_shards_are_copied_by_the_kernel_and_never_read_by_the_tool(la
     assert copied == untouched
     for file in untouched:
         assert (out / file).read_bytes() == (base / file).read_bytes()
-        assert _data_bytes_read(reads, Location.parse(str(base)), file) == 0, f"{file} went through the tool"
+        assert _data_bytes_read(reads, Location.parse(str(base)), file) <= sampled, f"{file} went through the tool"
     # Same bytes as streaming them, manifest included: its sha256 of a copied shard was taken from the output.
     for path in sorted(streamed_out.iterdir()):
-        if path.is_file():
+        if path.is_file() and path.name != REPORT_FILE:  # the report records each run's timings
             assert (out / path.name).read_bytes() == path.read_bytes(), path.name
     manifest = json.loads((out / MANIFEST).read_text())
     for file in untouched:
@@ -138,10 +148,11 @@ def test_on_s3_the_server_copies_untouched_shards_within_the_bucket(layer0_case,
     merge_checkpoint(str(base), str(adapter), str(local_out))
 
     reads = _reads_of(monkeypatch)
+    sampled = _small_validation_samples(monkeypatch)
     result = merge_checkpoint(s3_base.uri, str(adapter), f"s3://{BUCKET}/copy-out", storage_options=options)
     assert sorted(r.file for r in result.receipts if r.copied_server_side) == untouched
     for file in untouched:
-        assert _data_bytes_read(reads, s3_base, file) == 0, f"{file} went through the tool"
+        assert _data_bytes_read(reads, s3_base, file) <= sampled, f"{file} went through the tool"
     for path in shards(local_out):
         assert fs.cat_file(f"{BUCKET}/copy-out/{path.name}") == path.read_bytes(), path.name
     published = json.loads(fs.cat_file(f"{BUCKET}/copy-out/{MANIFEST}"))

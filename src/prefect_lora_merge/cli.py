@@ -159,7 +159,14 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             f"merged {summary.shards} shard(s){resumed}, {summary.tensors_touched} tensor(s) changed, "
             f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output}"
         )
-        print(f"validation passed: {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}")
+        merging = max(summary.seconds - summary.validation_seconds, 1e-9)
+        print(
+            f"validation passed in {summary.validation_seconds:.1f} s ({summary.validation_seconds / merging:.0%} of "
+            f"the merge's time): {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}"
+        )
+        if summary.largest_change is not None:
+            change = summary.largest_change
+            print(f"largest change ‖ΔW‖/‖W‖: {change.relative_change:.3g} on {change.tensor}")
         if summary.fp8_worst_delta is not None:
             worst = summary.fp8_worst_delta
             print(
@@ -239,6 +246,10 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             print(f"FAIL {failure}")
         checked = ", ".join(f"{v} {k}" for k, v in report.checks.items())
         print(f"{'passed' if report.passed else 'FAILED'}: {checked} ({report.seconds:.1f} s)")
+        changes = [n for n in report.numbers if n.relative_change is not None]
+        if changes:
+            largest = max(changes, key=lambda n: n.relative_change or 0.0)
+            print(f"largest change ‖ΔW‖/‖W‖: {largest.relative_change:.3g} on {largest.tensor}")
     if not report.passed:
         raise ValidationFailed(report.failures)
     return 0

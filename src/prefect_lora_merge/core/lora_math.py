@@ -38,7 +38,7 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
             delta = delta_weight(update, fetch)
             weight.add_(delta)
             if update.magnitude:
-                _dora_rescale(weight, fetch(update.magnitude), update.form)
+                dora_rescale(weight, fetch(update.magnitude), update.form)
             del delta
     return weight
 
@@ -92,7 +92,7 @@ def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE
     return (B3[start:end, :, update.expert][rows] @ A3[update.expert][:, cols]).mul_(s)
 
 
-def _dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> None:
+def dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> None:
     """W' = m / ||W + ΔW|| ⊙ (W + ΔW), in place on `combined` = W + ΔW, the norm taken the way PEFT's DoRA layer
     for this module type takes it."""
     if form == "linear":

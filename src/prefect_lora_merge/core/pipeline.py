@@ -14,7 +14,7 @@ from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
 from .errors import ValidationFailed
 from .lease import output_lease
 from .merge import merge_or_resume_shard
-from .plan import MergePlan, OutputDtype, make_plan
+from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
 from .state import ShardReceipt, claim_output
 from .validate import ValidationReport, validate_output
 
@@ -57,8 +57,10 @@ def merge_checkpoint(
 
 def finish_validation(plan: MergePlan, manifest: Manifest) -> tuple[ValidationReport, Manifest]:
     """Validate a consolidated output against its plan and the manifest to be; publish the manifest only if it
-    passes, so a failed output is never taken as done. Returns the report and the manifest as published."""
+    passes, so a failed output is never taken as done. The report goes beside it either way, before it.
+    Returns the report and the manifest as published."""
     report = validate_output(plan.job.output, plan, manifest)
+    plan.job.output.write_bytes(REPORT_FILE, report.model_dump_json(indent=2).encode())
     if not report.passed:
         raise ValidationFailed(report.failures)
     published = with_checksums(manifest, report.checksums_taken)

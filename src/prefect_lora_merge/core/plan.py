@@ -83,6 +83,7 @@ LINEAR_ONLY_HINT = frozenset(
 TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what a touched tensor may be
 MANIFEST_FILE = "lora-merge-manifest.json"
+REPORT_FILE = "lora-merge-report.json"  # the last validation's report, beside the manifest (not listed in it)
 
 
 class Update(BaseModel):

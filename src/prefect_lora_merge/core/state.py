@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from .errors import LoraMergeError, OutputLocationError
 from .fp8 import DeltaSurvival
-from .plan import INDEX_FILE, MANIFEST_FILE, MergeJob, MergePlan, ShardPlan
+from .plan import INDEX_FILE, MANIFEST_FILE, REPORT_FILE, MergeJob, MergePlan, ShardPlan
 from .storage import Location
 
 STATE_DIR = ".lora-merge"
@@ -89,6 +89,7 @@ def claim_output(plan: MergePlan, *, overwrite: bool = False) -> None:
         _remove_other_merge(plan)
     output.discard_partial_writes()
     output.remove(MANIFEST_FILE)
+    output.remove(REPORT_FILE)  # it describes an earlier run
     if previous != plan.fingerprint:
         output.write_bytes(RUN_FILE, json.dumps({"fingerprint": plan.fingerprint, "started": time.time()}).encode())
 

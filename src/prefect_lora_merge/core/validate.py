@@ -13,6 +13,7 @@ from .consolidate import MANIFEST_FILE, Manifest, read_manifest
 from .errors import LoraMergeError
 from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
+from .recompute import TensorNumbers, check_numbers
 from .safetensors_format import ShardHeader, read_header
 from .storage import COPY_CHUNK_BYTES, Location
 
@@ -25,12 +26,15 @@ class ValidationReport(BaseModel):
     seconds: float
     # sha256 of the files the manifest to be had none for (shards the storage copied server-side), hashed here
     checksums_taken: dict[str, str] = {}
+    # per computed tensor, what recomputing its sampled rows from base + adapter found (with a plan only)
+    numbers: list[TensorNumbers] = []
 
 
 def validate_output(
     output: Location, plan: MergePlan | None = None, manifest: Manifest | None = None
 ) -> ValidationReport:
-    """Structure and integrity always; structure against the plan and adapter coverage when a plan is given.
+    """Structure and integrity always; with a plan, also structure against it, adapter coverage, and the numbers:
+    sampled rows of every computed tensor recomputed from base + adapter, sampled bytes of copied ones compared.
 
     Checksums are taken from `manifest` when given (a merge about to publish it), else from the output's own."""
     started = time.perf_counter()
@@ -46,8 +50,10 @@ def validate_output(
     headers: dict[str, ShardHeader] = {}
     if index is not None:
         headers = _check_index(output, index, failures, checks)
+    numbers: list[TensorNumbers] = []
     if plan is not None:
         _check_against_plan(plan, headers, manifest, failures, checks)
+        numbers = check_numbers(plan, headers, failures, checks)
     elif manifest is not None:
         _check_coverage_from_manifest(manifest, failures, checks)
     return ValidationReport(
@@ -57,6 +63,7 @@ def validate_output(
         checks=dict(checks),
         seconds=time.perf_counter() - started,
         checksums_taken=checksums_taken,
+        numbers=numbers,
     )
 
 
@@ -135,10 +142,10 @@ def _check_index(output: Location, index: dict, failures: list[str], checks: Cou
                     f"{output.describe(file)}: tensor {entry.name!r} is not mapped to this shard by {INDEX_FILE} "
                     f"(it says {weight_map.get(entry.name)!r})"
                 )
-    stored = {e.name for h in headers.values() for e in h.tensors}
+    stored = {file: {e.name for e in h.tensors} for file, h in headers.items()}
     for name, file in weight_map.items():
         checks["index entries"] += 1
-        if file in headers and name not in stored:
+        if file in headers and name not in stored[file]:
             failures.append(f"{INDEX_FILE} maps {name!r} to {file}, but that shard has no such tensor")
     total = sum(e.nbytes for h in headers.values() for e in h.tensors)
     declared = (index.get("metadata") or {}).get("total_size")

@@ -1,0 +1,96 @@
+"""What a merge run shows in Prefect's UI: a progress bar as shards finish, a table of shards, and a summary that
+puts failures first. Keys are per output, so the latest run for an output is one click away."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from prefect_lora_merge.core.plan import MergePlan
+from prefect_lora_merge.core.state import ShardReceipt
+from prefect_lora_merge.core.validate import ValidationReport
+
+
+def artifact_key(plan: MergePlan, kind: str) -> str:
+    """`lora-merge-<kind>-<output name>-<hash>`: Prefect keys allow lowercase letters, digits and dashes only."""
+    uri = plan.job.output.uri
+    name = re.sub(r"[^a-z0-9]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")[:40] or "output"
+    return f"lora-merge-{kind}-{name}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+
+
+class ShardProgress:
+    """A progress artifact advanced by each finished shard, weighted by the shard's size."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.total = max(1, sum(s.base_size for s in plan.shards))
+        self.done = 0
+        self.artifact = create_progress_artifact(
+            0.0, key=artifact_key(plan, "progress"), description=f"shards merged into {plan.job.output.uri}"
+        )
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        update_progress_artifact(self.artifact, progress=100.0 * self.done / self.total)
+
+
+def publish_shard_table(plan: MergePlan, receipts: list[ShardReceipt], checksums: dict[str, str]) -> None:
+    """One row per finished shard; `checksums`: the sha256 validation took of shards the storage copied."""
+    rows = [
+        {
+            "shard": r.file,
+            "tensors": r.tensors,
+            "touched": len(r.touched),
+            "bytes": r.bytes,
+            "sha256": r.sha256 or checksums.get(r.file, "(not hashed: validation did not run)"),
+            "seconds": round(r.seconds, 2),
+            "outcome": "resumed" if r.resumed else "copied server-side" if r.copied_server_side else "merged",
+        }
+        for r in sorted(receipts, key=lambda r: r.file)
+    ]
+    create_table_artifact(rows, key=artifact_key(plan, "shards"), description=f"shards of {plan.job.output.uri}")
+
+
+def publish_summary(plan: MergePlan, failures: list[str], report: ValidationReport | None, seconds: float) -> None:
+    """Markdown: failures first, then what was merged and what validation checked."""
+    lines = [f"# LoRA merge into `{plan.job.output.uri}`", ""]
+    if failures:
+        lines += [f"## FAILED: {len(failures)} problem(s)", ""]
+        lines += [f"- {_cell(f)}" for f in failures[:100]]
+        lines += ([f"- … and {len(failures) - 100} more"] if len(failures) > 100 else []) + [""]
+    else:
+        lines += ["## Passed", ""]
+    touched = sum(len(s.touched) for s in plan.shards)
+    lines += [
+        f"- base `{plan.job.base.uri}`, adapter `{plan.job.adapter.location.uri}`",
+        f"- {len(plan.shards)} shard(s), {touched} tensor(s) changed, output dtype {plan.output_dtype}",
+        f"- {seconds:.1f} s in all" + (f", of which validation {report.seconds:.1f} s" if report else ""),
+        f"- fingerprint `{plan.fingerprint[:16]}`",
+    ]
+    if report is not None:
+        lines += ["", "## Validation", "", "| check | count |", "|---|---:|"]
+        lines += [f"| {name} | {count} |" for name, count in report.checks.items()]
+        changed = sorted(
+            (n for n in report.numbers if n.relative_change is not None),
+            key=lambda n: n.relative_change or 0.0,
+            reverse=True,
+        )
+        if changed:
+            lines += ["", "## Largest changes ‖ΔW‖/‖W‖ (recomputed rows)", "", "| tensor | ‖ΔW‖/‖W‖ | rows checked |"]
+            lines += ["|---|---:|---:|"]
+            lines += [f"| {n.tensor} | {n.relative_change:.3g} | {n.rows_checked}/{n.rows} |" for n in changed[:20]]
+    if plan.decisions:
+        lines += ["", "## Decisions", ""] + [f"- {_cell(d)}" for d in plan.decisions]
+    create_markdown_artifact(
+        "\n".join(lines) + "\n", key=artifact_key(plan, "summary"), description=f"merge into {plan.job.output.uri}"
+    )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,423 @@
+"""Validation's numbers: sampled rows of every computed tensor recomputed in float64 from the base and the adapter
+and compared with what the output holds; sampled byte ranges of every copied shard compared with the base.
+
+The merge works in float32 and rounds once to the output dtype. Recomputed in float64, a right value is then within
+one unit of the output dtype's precision of its operands (`eps · (|W| + |ΔW|)`), and almost every value equals the
+float64 result rounded to the output dtype: only values whose float32 and float64 results straddle a rounding
+boundary differ. A missing or wrong delta fails one test or the other, even when it is smaller than a bf16 step
+(it then moves a share of the values across rounding boundaries).
+
+Rows are sampled (all of them for small tensors): a few runs of rows at the start, the middle, the end and one place
+chosen from the tensor's name, so that a re-run checks the same rows. Storage corruption anywhere is the checksums'
+job; this is about the arithmetic and the placement of every tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from pydantic import BaseModel
+
+from .adapter import read_adapter_tensor
+from .errors import LoraMergeError
+from .fp8 import quantize
+from .lora_math import delta_weight, dora_rescale
+from .plan import MergePlan, PlannedTensor, ShardPlan, Update
+from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
+from .storage import Location
+
+ALL_ROWS_UP_TO = 1 << 20  # values: tensors this small are recomputed whole
+RUN_VALUES = 1 << 15  # values per sampled run of rows, four runs per larger tensor
+FLIP_LIMIT = 0.01  # share of values allowed to differ from the float64 result rounded to the output dtype
+COPY_SAMPLES = 4  # byte ranges compared with the base per shard of copied tensors
+COPY_SAMPLE_BYTES = 1 << 16
+
+Fetch64 = Callable[[str], torch.Tensor]
+
+
+class TensorNumbers(BaseModel):
+    """What the recomputation found for one computed tensor."""
+
+    tensor: str
+    file: str
+    rows_checked: int
+    rows: int
+    # ‖output − base‖ / ‖base‖ on the rows checked: the size of the change the merge made (None without a base)
+    relative_change: float | None
+    # share of the values checked that differ from the float64 result rounded to the output dtype
+    flips: float
+
+
+def check_numbers(
+    plan: MergePlan, headers: dict[str, ShardHeader], failures: list[str], checks: dict[str, int]
+) -> list[TensorNumbers]:
+    """Recompute every computed tensor's sampled rows and byte-compare samples of the copied ones, shard by shard."""
+    adapter_cache: dict[str, torch.Tensor] = {}
+
+    def fetch(key: str) -> torch.Tensor:
+        if key not in adapter_cache:
+            adapter_cache[key] = read_adapter_tensor(plan.job.adapter, key).to(torch.float64)
+        return adapter_cache[key]
+
+    def shard_job(shard: ShardPlan) -> tuple[list[TensorNumbers], list[str], int, int]:
+        header = headers[shard.file]
+        found, problems, computed = [], [], 0
+        written = header.by_name()
+        for tensor in shard.tensors:
+            if not tensor.computed or tensor.fp8 is not None and tensor.fp8.write in ("scales", "dropped"):
+                continue
+            computed += 1
+            checker = _TensorCheck(plan, shard, tensor, written, headers, fetch)
+            result = checker.run(problems)
+            if result is not None:
+                found.append(result)
+        copied = _compare_copied_bytes(plan, shard, header, problems)
+        return found, problems, computed, copied
+
+    numbers: list[TensorNumbers] = []
+    present = [s for s in plan.shards if s.file in headers]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for found, problems, computed, copied in pool.map(shard_job, present):
+            numbers.extend(found)
+            failures.extend(problems)
+            checks["tensors recomputed"] = checks.get("tensors recomputed", 0) + computed
+            checks["copied byte ranges"] = checks.get("copied byte ranges", 0) + copied
+    return numbers
+
+
+class _TensorCheck:
+    """One computed tensor: reads its sampled rows from the base and the output, recomputes, compares."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        shard: ShardPlan,
+        tensor: PlannedTensor,
+        written: dict[str, TensorEntry],
+        headers: dict[str, ShardHeader],
+        fetch: Fetch64,
+    ) -> None:
+        self.plan, self.shard, self.tensor, self.fetch = plan, shard, tensor, fetch
+        self.entry = written.get(tensor.name)
+        self.headers = headers
+        self.out_rows, self.cols = _as_rows(tensor.shape)
+        self.requantized = tensor.fp8 is not None and tensor.fp8.write == "codes"
+
+    def run(self, problems: list[str]) -> TensorNumbers | None:
+        tensor = self.tensor
+        if self.entry is None or self.entry.shape != tensor.shape or self.entry.dtype != tensor.dtype:
+            return None  # structure checks already name it
+        # A re-quantized weight is checked in whole blocks: its scales come from whole blocks.
+        align = tensor.fp8.weight.block[0] if self.requantized else 1
+        whole = self.out_rows * self.cols <= ALL_ROWS_UP_TO or not _row_local(tensor)
+        runs = [slice(0, self.out_rows)] if whole else _sample_runs(tensor.name, self.out_rows, self.cols, align)
+        checked, flips, base_sq, change_sq = 0, 0, 0.0, 0.0
+        for rows in runs:
+            try:
+                base = self._base_rows(rows)
+                expected, products = self._expected_rows(base, rows)
+                stored, got, scale = self._output_rows(rows)
+            except (_Unreadable, LoraMergeError) as exc:
+                problems.append(f"{self.shard.file}: {tensor.name}: {exc}")
+                return None
+            flips += self._compare(rows, stored, got, expected, base, products, scale, problems)
+            checked += got.numel()
+            if base is not None and tensor.updates:
+                base_sq += float(base.square().sum())
+                change_sq += float((got - base).square().sum())
+        return TensorNumbers(
+            tensor=tensor.name,
+            file=self.shard.file,
+            rows_checked=sum(r.stop - r.start for r in runs),
+            rows=self.out_rows,
+            relative_change=math.sqrt(change_sq / base_sq) if base_sq > 0 else None,
+            flips=flips / max(checked, 1),
+        )
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def _base_rows(self, rows: slice) -> torch.Tensor | None:
+        """float64 base values of these rows (FP8 dequantized), or None where the base has no such rows."""
+        tensor = self.tensor
+        if tensor.fp8 is not None:
+            weight = tensor.fp8.weight
+            codes = _read_rows(self.plan.job.base, weight.codes.file, weight.codes.data_start, weight.codes.entry, rows)
+            return _dequantized(codes, self._scales(self.plan.job.base, rows), weight.block, rows)
+        base_rows, _ = _as_rows(tensor.base.shape)
+        if rows.stop > base_rows:  # a resized embedding's new rows: the adapter replaces the whole tensor
+            return None
+        data_start = 8 + self.shard.base_header_bytes
+        return _read_rows(self.plan.job.base, self.shard.file, data_start, tensor.base, rows).to(torch.float64)
+
+    def _scales(self, location: Location, rows: slice) -> torch.Tensor:
+        """The scale-grid rows covering these weight rows, from the base or from the output."""
+        assert self.tensor.fp8 is not None
+        scales = self.tensor.fp8.weight.scales
+        grid = _grid_rows(rows, self.tensor.fp8.weight.block[0])
+        if location is self.plan.job.base:
+            return _read_rows(location, scales.file, scales.data_start, scales.entry, grid)
+        header = self.headers.get(scales.file)
+        entry = header.by_name().get(scales.entry.name) if header else None
+        if header is None or entry is None:
+            raise _Unreadable(f"its scale grid {scales.entry.name} is missing from {scales.file}")
+        return _read_rows(location, scales.file, header.data_start, entry, grid)
+
+    def _output_rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """These rows as the output stores them, their float64 values, and for a re-quantized weight the scale of
+        each value (its codes are decoded with the output's own scales)."""
+        assert self.entry is not None
+        header = self.headers[self.shard.file]
+        stored = _read_rows(self.plan.job.output, self.shard.file, header.data_start, self.entry, rows)
+        if not self.requantized:
+            return stored, stored.to(torch.float64), None
+        assert self.tensor.fp8 is not None
+        block = self.tensor.fp8.weight.block
+        scale = _expanded(self._scales(self.plan.job.output, rows), block, rows, stored.shape[1])
+        return stored, stored.to(torch.float64) * scale, scale
+
+    # -- arithmetic --------------------------------------------------------------------------------------------
+
+    def _expected_rows(self, base: torch.Tensor | None, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 base + updates for these rows, in plan order, and the bound on the merge's own float32 rounding
+        in computing the deltas: (rank + 2) · eps · Σ|b||a|·|s| per value (a rank-r dot product and two more
+        operations, whose terms may cancel), and for DoRA (log2 n + 4) · eps of the value (its norm over n)."""
+        weight = base
+        products = torch.zeros(()) if base is None else torch.zeros_like(base)
+        compute_eps = torch.finfo(torch.float64 if self.tensor.dtype == "F64" else torch.float32).eps
+        for update in self.tensor.updates:
+            weight, factor = _apply_rows(update, weight, rows, self.tensor.shape, self.fetch)
+            if update.kind == "replace":
+                products = torch.zeros_like(weight)
+            elif update.kind == "delta":
+                size = _delta_rows(update, rows, self.tensor.shape, lambda key: self.fetch(key).abs()).abs()
+                products = (products + size * ((update.rank or 1) + 2) * compute_eps) * factor
+                if update.magnitude:  # DoRA's norm: a float32 sum over each norm's values, a root, a division
+                    per_norm = math.prod(self.tensor.shape) / max(1, self.fetch(update.magnitude).numel())
+                    products = products + weight.abs() * compute_eps * (math.log2(max(per_norm, 1)) + 4)
+        assert weight is not None, f"{self.tensor.name}: rows beyond the base and no replacement"
+        return weight, products
+
+    def _compare(
+        self,
+        rows: slice,
+        stored: torch.Tensor,
+        got: torch.Tensor,
+        expected: torch.Tensor,
+        base: torch.Tensor | None,
+        products: torch.Tensor,
+        scale: torch.Tensor | None,
+        problems: list[str],
+    ) -> int:
+        """Name the values beyond the rounding bound; return how many differ from the expected value rounded."""
+        tensor, where = self.tensor, f"{self.shard.file}: {self.tensor.name} rows {rows.start}–{rows.stop - 1}"
+        fp8 = tensor.fp8 if self.requantized else None
+        operands = expected.abs() if base is None else base.abs() + (expected - base).abs()
+        if fp8 is not None:  # e4m3 keeps 3 mantissa bits: half a step is 2^-4 of the value, a subnormal step 2^-9
+            assert scale is not None
+            bound = operands * 2.0**-3 + scale * 2.0**-9 + products
+            # codes, not values: a scale a last bit apart (float32 vs float64 block maxima) moves every value
+            rounded, _ = quantize(expected.to(torch.float32), fp8.weight.block, ue8m0=fp8.weight.ue8m0)
+        else:
+            dtype = torch_dtype(tensor.dtype)
+            info = torch.finfo(dtype)
+            bound = operands * info.eps + info.tiny + products
+            rounded = expected.to(dtype) if info.bits < 32 else None
+        if not bool(torch.isfinite(got).all()):
+            bad = (~torch.isfinite(got)).nonzero()[0].tolist()
+            problems.append(f"{where}: NaN/Inf in the output at {_position(bad, rows)}")
+            return got.numel()
+        excess = (got - expected).abs() - bound
+        if bool((excess > 0).any()):
+            worst = int(excess.argmax())
+            row, col = divmod(worst, got.shape[1])
+            problems.append(
+                f"{where}: {int((excess > 0).sum())} value(s) differ from base + adapter recomputed in float64 by "
+                f"more than {tensor.dtype if fp8 is None else 'FP8'}'s rounding (worst at row {rows.start + row}, "
+                f"column {col}: {float(got[row, col]):.6g}, expected {float(expected[row, col]):.6g})"
+            )
+        flips = 0 if rounded is None else int((_bits(stored) != _bits(rounded)).sum())
+        if flips > FLIP_LIMIT * got.numel():
+            problems.append(
+                f"{where}: {100 * flips / got.numel():.1f}% of the values differ from base + adapter recomputed in "
+                f"float64 and rounded (a correct merge differs in under {100 * FLIP_LIMIT:g}%): the adapter's change "
+                "is missing or wrong there"
+            )
+        return flips
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _apply_rows(
+    update: Update, weight: torch.Tensor | None, rows: slice, shape: tuple[int, ...], fetch: Fetch64
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """One update on a run of rows of the tensor (seen as [rows, last dim]), in float64; with the factor it scales
+    the rows by (DoRA), 1 otherwise."""
+    cols = shape[-1] if len(shape) > 1 else max(1, math.prod(shape))
+    if update.kind == "replace":
+        return fetch(update.adapter_tensors[0]).reshape(-1, cols)[rows].clone(), 1.0
+    assert weight is not None
+    if update.kind == "rows":
+        weight = weight.clone()
+        new_rows = fetch(update.adapter_tensors[0]).reshape(-1, cols)
+        for k, index in enumerate(update.indices or ()):
+            if rows.start <= index < rows.stop:
+                weight[index - rows.start] = new_rows[k]
+        return weight, 1.0
+    combined = weight + _delta_rows(update, rows, shape, fetch)
+    if not update.magnitude:
+        return combined, 1.0
+    if update.form != "linear":  # DoRA's norm across rows: `rows` is the whole tensor here (see _row_local)
+        rescaled = combined.reshape(shape).clone()
+        dora_rescale(rescaled, fetch(update.magnitude), update.form)
+        rescaled = rescaled.reshape(combined.shape)
+        factor = torch.where(combined != 0, rescaled / combined, 0.0)
+        return rescaled, factor.abs()
+    factor = (fetch(update.magnitude).reshape(-1)[rows] / torch.linalg.norm(combined, dim=1)).view(-1, 1)
+    return combined * factor, factor.abs()
+
+
+def _delta_rows(update: Update, rows: slice, shape: tuple[int, ...], fetch: Fetch64) -> torch.Tensor:
+    """ΔW of a run of rows in float64, without the rest of the tensor where the form allows it."""
+    s = update.scale
+    cols = shape[-1] if len(shape) > 1 else max(1, math.prod(shape))
+    if update.form in ("linear", "expert"):
+        return delta_weight(update, fetch, (rows, slice(None)))
+    if update.form in ("linear_t", "embedding"):
+        A, B = (fetch(k) for k in update.adapter_tensors)
+        return (B @ A[:, rows]).T * s
+    if update.form == "experts" and len(shape) == 3:
+        A, B = (fetch(k) for k in update.adapter_tensors)
+        experts = update.num_experts
+        assert experts is not None
+        A3, B3 = A.reshape(experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, experts)
+        per_expert = shape[1]
+        parts = []
+        for expert in range(rows.start // per_expert, (rows.stop - 1) // per_expert + 1):
+            delta = B3[:, :, expert] @ A3[expert]  # (out, in)
+            if update.experts_layout != "eoi":
+                delta = delta.T
+            low = max(rows.start - expert * per_expert, 0)
+            high = min(rows.stop - expert * per_expert, per_expert)
+            parts.append(delta[low:high] * s)
+        return torch.cat(parts)
+    return delta_weight(update, fetch).reshape(-1, cols)[rows]  # conv, bias: small
+
+
+def _row_local(tensor: PlannedTensor) -> bool:
+    """Whether sampled rows can be recomputed alone (DoRA other than on a linear weight needs every row)."""
+    return all(not u.magnitude or u.form == "linear" for u in tensor.updates)
+
+
+def _as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor as [rows, last dimension]; a vector or scalar is one row."""
+    if len(shape) < 2:
+        return 1, max(1, math.prod(shape))
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _sample_runs(name: str, rows: int, cols: int, align: int) -> list[slice]:
+    """Four runs of whole `align`-row groups: start, middle, end, and one place picked from the tensor's name."""
+    length = align * max(1, math.ceil(max(1, RUN_VALUES // cols) / align))
+    groups = math.ceil(rows / align)
+    picked = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % groups
+    starts = sorted({0, groups // 2 * align, max(0, rows - length) // align * align, picked * align})
+    runs: list[slice] = []
+    for start in starts:
+        stop = min(rows, start + length)
+        if runs and start < runs[-1].stop:
+            runs[-1] = slice(runs[-1].start, max(stop, runs[-1].stop))
+        else:
+            runs.append(slice(start, stop))
+    return runs
+
+
+def _read_rows(location: Location, file: str, data_start: int, entry: TensorEntry, rows: slice) -> torch.Tensor:
+    """Rows of a stored tensor (seen as [rows, last dim]) with one ranged read, as a tensor of its own dtype."""
+    _, cols = _as_rows(entry.shape)
+    itemsize = DTYPES[entry.dtype][1]
+    row_bytes = cols * itemsize
+    begin = data_start + entry.begin + rows.start * row_bytes
+    data = location.read_bytes(file, begin, begin + (rows.stop - rows.start) * row_bytes)
+    if len(data) != (rows.stop - rows.start) * row_bytes:
+        raise _Unreadable(f"{file}: {entry.name} is cut short")
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype(entry.dtype)).reshape(-1, cols)
+
+
+def _grid_rows(rows: slice, block_rows: int) -> slice:
+    return slice(rows.start // block_rows, math.ceil(rows.stop / block_rows))
+
+
+def _expanded(grid: torch.Tensor, block: tuple[int, int], rows: slice, cols: int) -> torch.Tensor:
+    """Each value's scale, for weight rows `rows` from the grid rows `_grid_rows(rows)`: textbook, unblocked."""
+    offset = rows.start % block[0]
+    full = grid.to(torch.float64).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[offset : offset + rows.stop - rows.start, :cols]
+
+
+def _dequantized(codes: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], rows: slice) -> torch.Tensor:
+    """float64 values of FP8 weight rows with the scale-grid rows that cover them."""
+    return codes.to(torch.float64) * _expanded(grid, block, rows, codes.shape[1])
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """Stored values as integers of their width, to compare encodings (FP8 has no `!=` on CPU)."""
+    return (
+        values.view({1: torch.uint8, 2: torch.int16}.get(values.element_size(), torch.int32))
+        if values.element_size() < 8
+        else values.view(torch.int64)
+    )
+
+
+def _position(index: list[int], rows: slice) -> str:
+    return f"row {rows.start + index[0]}, column {index[1]}"
+
+
+def _compare_copied_bytes(plan: MergePlan, shard: ShardPlan, header: ShardHeader, problems: list[str]) -> int:
+    """Compare a few byte ranges of the tensors copied from the base with the base's bytes; return how many."""
+    written = header.by_name()
+    copied = [t for t in shard.tensors if not t.computed and not t.dropped and t.base.nbytes and t.name in written]
+    samples = list(_copied_samples(shard.file, copied))
+    base_start = 8 + shard.base_header_bytes
+    for tensor, offset, length in samples:
+        out_entry = written[tensor.name]
+        if out_entry.nbytes != tensor.base.nbytes:
+            continue  # the structure checks name a changed size
+        base_bytes = plan.job.base.read_bytes(
+            shard.file, base_start + tensor.base.begin + offset, base_start + tensor.base.begin + offset + length
+        )
+        out_bytes = plan.job.output.read_bytes(
+            shard.file,
+            header.data_start + out_entry.begin + offset,
+            header.data_start + out_entry.begin + offset + length,
+        )
+        if base_bytes != out_bytes:
+            problems.append(
+                f"{shard.file}: {tensor.name} should be the base's bytes (the adapter does not touch it), but bytes "
+                f"{offset}–{offset + length - 1} differ"
+            )
+    return len(samples)
+
+
+def _copied_samples(file: str, copied: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, int, int]]:
+    """(tensor, offset within it, length): the first and last copied tensors' edges, and places picked from the
+    file's name along the copied bytes."""
+    if not copied:
+        return
+    total = sum(t.base.nbytes for t in copied)
+    seed = int.from_bytes(hashlib.sha256(file.encode()).digest()[:8], "big")
+    points = {0, total - 1} | {(seed >> (16 * k)) % total for k in range(COPY_SAMPLES - 2)}
+    for point in sorted(points):
+        before = 0
+        for tensor in copied:
+            size = tensor.base.nbytes
+            if point < before + size:
+                start = min(point - before, max(0, size - COPY_SAMPLE_BYTES))  # a whole sample where the tensor allows
+                yield tensor, start, min(COPY_SAMPLE_BYTES, size - start)
+                break
+            before += size
