@@ -30,7 +30,7 @@ from .plan import MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
 from .storage import Location
 
-ALL_ROWS_UP_TO = 1 << 20  # values: tensors this small are recomputed whole
+ALL_ROWS_UP_TO = 1 << 16  # values: tensors this small are recomputed whole (the sampled runs hold as many)
 RUN_VALUES = 1 << 15  # values per sampled run of rows, four runs per larger tensor
 FLIP_LIMIT = 0.01  # share of values allowed to differ from the float64 result rounded to the output dtype
 COPY_SAMPLES = 4  # byte ranges compared with the base per shard of copied tensors
