@@ -63,14 +63,17 @@ def main() -> None:
                     for start in range(0, size, CHUNK):
                         out.write(fs.cat_file(p, start=start, end=min(size, start + CHUNK)))
 
+        validations: list[float] = []
+
         def merge(i: int) -> None:
-            merge_checkpoint(
+            result = merge_checkpoint(
                 "s3://inputs/base",
                 "s3://inputs/adapter",
                 f"s3://outputs/merge-{i}",
                 device="cpu",
                 storage_options=options,
             )
+            validations.append(result.report.seconds)
 
         copied: list[int] = []
 
@@ -107,6 +110,11 @@ def main() -> None:
                 f"| {name} | {wall:.1f} | {total / 1e9 / wall:.2f} | {wall / client:.2f}× | {wall / server_side:.2f}× |"
             )
         print(f"\nadapter on layer 0 only: {copied[-1] / 1e9:.2f} of {total / 1e9:.2f} GB copied server-side")
+        merged, validated = statistics.median(times["lora-merge (API)"]), statistics.median(validations)
+        print(
+            f"validation (checksums, structure, recomputed numbers) of the all-linear merge: {validated:.1f} s of its "
+            f"{merged:.1f} s ({validated / (merged - validated):.0%} of the merge's own time)"
+        )
 
 
 def _layer0_adapter(adapter: Path, target: Path) -> Path:
