@@ -13,6 +13,7 @@ import torch
 from checkpoint_tools import read_raw_header, shards, write_raw_header
 from s3_server import BUCKET
 
+from prefect_lora_merge.cli import main
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 from prefect_lora_merge.core.storage import Location
@@ -191,3 +192,37 @@ def test_numbers_check_the_merge_on_the_s3_server(llama_case, s3, tmp_path):
     assert report.passed, report.failures
     assert {n.tensor for n in report.numbers} == set(_touched(llama_case, tmp_path / "unused"))
     assert torch.tensor([n.flips for n in report.numbers]).max() <= 0.01
+
+
+def test_forward_compares_the_loaded_output_with_peft_logits(llama_case, merged, capsys):
+    plan = make_plan(str(llama_case.base_dir), str(llama_case.adapter_dir), str(merged))
+    report = validate_output(plan.job.output, plan, forward=True)
+    assert report.passed, report.failures
+    forward = report.forward
+    assert forward is not None and forward.architecture == "LlamaForCausalLM" and forward.passed
+    assert forward.relative_diff <= forward.allowed < forward.adapter_effect / 2, "the check could see a lost delta"
+
+    inputs = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir)]
+    assert main(["validate", "--output", str(merged), *inputs, "--forward"]) == 0
+    assert "forward (LlamaForCausalLM, 32 tokens): logits" in capsys.readouterr().out
+
+
+def test_forward_catches_an_output_that_loads_but_lost_its_delta(llama_case, damaged):
+    """Every touched shard replaced by the base's own, the manifest resealed: the model loads and runs."""
+    touched_files = sorted(set(_touched(llama_case, damaged).values()))
+    for file in touched_files:
+        shutil.copyfile(llama_case.base_dir / file, damaged / file)
+    _reseal(damaged, *touched_files)
+    plan = make_plan(str(llama_case.base_dir), str(llama_case.adapter_dir), str(damaged))
+    report = validate_output(plan.job.output, plan, forward=True)
+    assert report.forward is not None and not report.forward.passed
+    assert any(
+        "logits of the merged model loaded with transformers differ from PEFT's merge" in f for f in report.failures
+    )
+
+
+def test_forward_needs_the_base_and_the_adapter(merged, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", "--output", str(merged), "--forward"])
+    assert exited.value.code == 1
+    assert "--forward needs --base and --adapter" in capsys.readouterr().err

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--adapter", help="PEFT adapter (with --base)")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
     output_dtype(validate, default=None)
+    validate.add_argument(
+        "--forward",
+        action="store_true",
+        help="also load the output with transformers and compare its logits with PEFT's merge (models that fit "
+        "in memory; needs --base and --adapter)",
+    )
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.add_argument("--verbose", action="store_true", help="show full tracebacks")
     validate.set_defaults(handler=_validate)
@@ -233,12 +239,14 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 
     if bool(args.base) != bool(args.adapter):
         raise LoraMergeError("validate needs both --base and --adapter, or neither")
+    if args.forward and not args.base:
+        raise LoraMergeError("validate --forward needs --base and --adapter: it compares with PEFT's merge of them")
     output = Location.parse(args.output, storage_options, what="--output")
     plan = None
     if args.base:
         output_dtype = args.output_dtype or _merged_output_dtype(output)
         plan = make_plan(args.base, args.adapter, output, storage_options=storage_options, output_dtype=output_dtype)
-    report = validate_output(output, plan)
+    report = validate_output(output, plan, forward=args.forward)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
@@ -246,6 +254,12 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             print(f"FAIL {failure}")
         checked = ", ".join(f"{v} {k}" for k, v in report.checks.items())
         print(f"{'passed' if report.passed else 'FAILED'}: {checked} ({report.seconds:.1f} s)")
+        if report.forward is not None:
+            f = report.forward
+            print(
+                f"forward ({f.architecture}, {f.tokens} tokens): logits {f.relative_diff:.2g} from PEFT's merge "
+                f"(allowed {f.allowed:g}; the adapter moves them {f.adapter_effect:.2g})"
+            )
         changes = [n for n in report.numbers if n.relative_change is not None]
         if changes:
             largest = max(changes, key=lambda n: n.relative_change or 0.0)

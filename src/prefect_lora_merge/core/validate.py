@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from .consolidate import MANIFEST_FILE, Manifest, read_manifest
 from .errors import LoraMergeError
+from .forward import ForwardCheck, forward_check
 from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_numbers
@@ -28,10 +29,12 @@ class ValidationReport(BaseModel):
     checksums_taken: dict[str, str] = {}
     # per computed tensor, what recomputing its sampled rows from base + adapter found (with a plan only)
     numbers: list[TensorNumbers] = []
+    # validate --forward: logits of the output loaded with transformers against PEFT's merge
+    forward: ForwardCheck | None = None
 
 
 def validate_output(
-    output: Location, plan: MergePlan | None = None, manifest: Manifest | None = None
+    output: Location, plan: MergePlan | None = None, manifest: Manifest | None = None, *, forward: bool = False
 ) -> ValidationReport:
     """Structure and integrity always; with a plan, also structure against it, adapter coverage, and the numbers:
     sampled rows of every computed tensor recomputed from base + adapter, sampled bytes of copied ones compared.
@@ -54,6 +57,12 @@ def validate_output(
     if plan is not None:
         _check_against_plan(plan, headers, manifest, failures, checks)
         numbers = check_numbers(plan, headers, failures, checks)
+    forward_result = None
+    if forward:
+        if plan is None:
+            raise LoraMergeError("the forward check needs the base and the adapter (a plan)")
+        forward_result = forward_check(plan, failures)
+        checks["forward passes"] += 1
     elif manifest is not None:
         _check_coverage_from_manifest(manifest, failures, checks)
     return ValidationReport(
@@ -64,6 +73,7 @@ def validate_output(
         seconds=time.perf_counter() - started,
         checksums_taken=checksums_taken,
         numbers=numbers,
+        forward=forward_result,
     )
 
 

@@ -1,0 +1,103 @@
+"""`validate --forward`, for models that fit in memory: the merged output, loaded with transformers, must give the
+logits PEFT's own in-memory merge of base + adapter gives, on a fixed random prompt.
+
+This is the end-to-end check the per-tensor numbers cannot make: that a model class reads the output as the merged
+model (names, shapes, tied weights, config). It needs transformers and PEFT, and local copies of the three
+directories (fetched to a temporary directory when they are on object storage).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from .errors import LoraMergeError
+from .plan import MergePlan
+from .storage import Location
+
+PROMPT_TOKENS = 32
+SEED = 0
+
+
+class ForwardCheck(BaseModel):
+    architecture: str
+    tokens: int
+    # ‖merged − PEFT‖ / ‖PEFT‖ over the prompt's logits, and the most it may be for the output's dtype
+    relative_diff: float
+    allowed: float
+    # ‖PEFT − base‖ / ‖PEFT‖: how much the adapter changes the logits (a missing delta shows up as a diff this size)
+    adapter_effect: float
+    passed: bool
+
+
+def forward_check(plan: MergePlan, failures: list[str]) -> ForwardCheck:
+    """Compare logits of the merged output with PEFT's merge; append a failure naming what differs."""
+    try:
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:
+        raise LoraMergeError("--forward needs transformers and peft: pip install 'prefect-lora-merge[demo]'") from exc
+    if plan.output_dtype != "keep":
+        raise LoraMergeError(
+            "--forward does not run on FP8 checkpoints (transformers' FP8 loader needs a GPU); the per-tensor numbers "
+            "check them"
+        )
+    with tempfile.TemporaryDirectory(prefix="lora-merge-forward-") as tmp:
+        base_dir = _local(plan.job.base, Path(tmp) / "base")
+        adapter_dir = _local(plan.job.adapter.location, Path(tmp) / "adapter")
+        output_dir = _local(plan.job.output, Path(tmp) / "output")
+        config = AutoConfig.from_pretrained(base_dir)
+        architecture = (getattr(config, "architectures", None) or ["?"])[0]
+        if not architecture.endswith("ForCausalLM"):
+            raise LoraMergeError(
+                f"--forward compares next-token logits and needs a causal language model; the base is {architecture} "
+                "(config.json architectures): validate without --forward"
+            )
+        prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(SEED))
+        base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base_logits = _logits(base_model, prompt)
+        reference = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+        expected = _logits(reference, prompt)
+        del base_model, reference
+        merged = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+        got = _logits(merged, prompt)
+    scale = float(expected.norm()) or 1.0
+    diff = float((got - expected).norm()) / scale
+    effect = float((expected - base_logits).norm()) / scale
+    # The output is rounded to its dtype once per weight: logits move by a few of its steps at most.
+    dtypes = {t.dtype for s in plan.shards for t in s.touched}
+    allowed = 1e-4 if dtypes <= {"F32", "F64"} else 3e-2
+    passed = diff <= allowed and (diff <= 0.5 * effect or effect <= 2 * allowed)
+    if not passed:
+        failures.append(
+            f"{plan.job.output.uri}: logits of the merged model loaded with transformers differ from PEFT's merge by "
+            f"{diff:.3g} (relative; allowed {allowed:g}, the adapter itself moves them by {effect:.3g}) on a fixed "
+            f"{PROMPT_TOKENS}-token prompt"
+        )
+    return ForwardCheck(
+        architecture=architecture,
+        tokens=PROMPT_TOKENS,
+        relative_diff=diff,
+        allowed=allowed,
+        adapter_effect=effect,
+        passed=passed,
+    )
+
+
+def _logits(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=prompt).logits.float()
+
+
+def _local(location: Location, target: Path) -> str:
+    """A local directory holding the location's files: itself when local, else a copy of its top-level files."""
+    if location.is_local:
+        return location.root
+    target.mkdir(parents=True)
+    for name in location.list_files():
+        location.fs.get(location.path(name), str(target / name))
+    return str(target)
