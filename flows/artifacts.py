@@ -14,6 +14,7 @@ from prefect.artifacts import (
 )
 
 from prefect_lora_merge.core.plan import MergePlan
+from prefect_lora_merge.core.recompute import TensorNumbers
 from prefect_lora_merge.core.state import ShardReceipt
 from prefect_lora_merge.core.validate import ValidationReport
 
@@ -81,6 +82,7 @@ def publish_summary(plan: MergePlan, failures: list[str], report: ValidationRepo
             key=lambda n: n.relative_change or 0.0,
             reverse=True,
         )
+        lines += _by_layer(changed)
         if changed:
             lines += ["", "## Largest changes ‖ΔW‖/‖W‖ (recomputed rows)", "", "| tensor | ‖ΔW‖/‖W‖ | rows checked |"]
             lines += ["|---|---:|---:|"]
@@ -90,6 +92,26 @@ def publish_summary(plan: MergePlan, failures: list[str], report: ValidationRepo
     create_markdown_artifact(
         "\n".join(lines) + "\n", key=artifact_key(plan, "summary"), description=f"merge into {plan.job.output.uri}"
     )
+
+
+def _by_layer(changed: list[TensorNumbers]) -> list[str]:
+    """‖ΔW‖/‖W‖ per layer (largest and mean over its touched tensors) with a bar scaled to the largest."""
+    layers: dict[int, list[float]] = {}
+    for n in changed:
+        found = _LAYER.search(n.tensor)
+        if found and n.relative_change is not None:
+            layers.setdefault(int(found.group(1)), []).append(n.relative_change)
+    if not layers:
+        return []
+    top = max(max(v) for v in layers.values()) or 1.0
+    lines = ["", "## ‖ΔW‖/‖W‖ by layer", "", "| layer | tensors | largest | mean | |", "|---:|---:|---:|---:|---|"]
+    for layer, values in sorted(layers.items()):
+        bar = "█" * max(1, round(20 * max(values) / top))
+        lines.append(f"| {layer} | {len(values)} | {max(values):.3g} | {sum(values) / len(values):.3g} | {bar} |")
+    return lines
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def _cell(text: str) -> str:

@@ -133,7 +133,9 @@ def test_a_run_publishes_its_report_and_artifacts(llama_case, tmp_path):
 
     summary = artifacts["markdown"]["data"]
     assert summary.startswith(f"# LoRA merge into `{out}`") and "## Passed" in summary
-    assert "| tensors recomputed | 14 |" in summary and "‖ΔW‖/‖W‖" in summary
+    assert "| tensors recomputed | 14 |" in summary and "## Largest changes ‖ΔW‖/‖W‖" in summary
+    assert re.search(r"^\| 0 \| 7 \| [0-9.e-]+ \| [0-9.e-]+ \| █+ \|$", summary, re.M), "layer 0: 7 projections"
+    assert re.search(r"^\| 1 \| 7 \| ", summary, re.M), summary
 
     report = json.loads((out / "lora-merge-report.json").read_text())
     assert report["passed"] and len(report["numbers"]) == 14
