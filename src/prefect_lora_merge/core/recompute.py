@@ -39,6 +39,10 @@ COPY_SAMPLE_BYTES = 1 << 16
 Fetch64 = Callable[[str], torch.Tensor]
 
 
+class _Unreadable(Exception):
+    """Rows that cannot be read as the plan says: reported as a failure of that tensor."""
+
+
 class TensorNumbers(BaseModel):
     """What the recomputation found for one computed tensor."""
 
@@ -247,10 +251,6 @@ class _TensorCheck:
                 "is missing or wrong there"
             )
         return flips
-
-
-class _Unreadable(Exception):
-    pass
 
 
 def _apply_rows(
