@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import DeepseekV3ForCausalLM
 
-from prefect_lora_merge.core import fp8
+from prefect_lora_merge.core import tiling
 from prefect_lora_merge.core.errors import CheckpointFormatError, LoraMergeError
 from prefect_lora_merge.core.fp8 import dequantize, quantize, requantize
 from prefect_lora_merge.core.pipeline import merge_checkpoint
@@ -292,7 +292,7 @@ def test_ue8m0_checkpoints_are_requantized_with_power_of_two_scales(tmp_path):
 
 def test_tile_by_tile_gives_the_same_bytes_as_whole_tensors(case, bf16_out, fp8_out, tmp_path, monkeypatch):
     """The fixture's weights fit in one tile; one block per tile cuts every weight, ragged edges included."""
-    monkeypatch.setattr(fp8, "_TILE_VALUES", BLOCK * BLOCK)
+    monkeypatch.setattr(tiling, "TILE_VALUES", BLOCK * BLOCK)
     for mode, (reference, result) in (("bf16", bf16_out), ("fp8", fp8_out)):
         out = tmp_path / mode
         tiled = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype=mode)
@@ -303,7 +303,7 @@ def test_tile_by_tile_gives_the_same_bytes_as_whole_tensors(case, bf16_out, fp8_
 
 
 def test_requantize_is_quantize_of_the_merged_weight_with_exact_survival_figures(monkeypatch):
-    monkeypatch.setattr(fp8, "_TILE_VALUES", 2 * BLOCK * BLOCK)
+    monkeypatch.setattr(tiling, "TILE_VALUES", 2 * BLOCK * BLOCK)
     torch.manual_seed(3)
     codes, scales = quantize(0.02 * torch.randn(300, 700), (BLOCK, BLOCK))  # ragged both ways, 3 x 6 blocks
     delta = 0.002 * torch.randn(300, 4) @ torch.randn(4, 700)

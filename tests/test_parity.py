@@ -149,3 +149,19 @@ def test_side_files_of_the_base_are_carried_over(merged: Merged) -> None:
     assert not missing, f"not copied to the output: {missing}"
     # A tokenizer file has nothing to do with the merge: it must come through unchanged.
     assert (out_dir / "tokenizer_config.json").read_bytes() == (base_dir / "tokenizer_config.json").read_bytes()
+
+
+def test_tile_by_tile_merge_gives_the_same_bytes_as_whole_tensors(llama_case, tmp_path, monkeypatch):
+    """The zoo's weights fit in one tile; 64-value tiles cut every touched weight into many, edges included."""
+    from checkpoint_tools import shards
+
+    from prefect_lora_merge.core import tiling
+    from prefect_lora_merge.core.pipeline import merge_checkpoint
+
+    whole = tmp_path / "whole"
+    merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(whole))
+    monkeypatch.setattr(tiling, "TILE_VALUES", 64)
+    tiled = tmp_path / "tiled"
+    merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(tiled))
+    for path in shards(whole):
+        assert (tiled / path.name).read_bytes() == path.read_bytes(), path.name

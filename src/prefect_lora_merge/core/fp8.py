@@ -12,10 +12,11 @@ scale, merge, encode, compare) then run in cache instead of streaming full-size 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 
 import torch
 from pydantic import BaseModel
+
+from .tiling import TileMerge, tiles
 
 E4M3_MAX = 448.0
 # A re-quantized weight whose realised delta points less than this way along the intended one is reported.
@@ -27,12 +28,6 @@ MIN_AMAX = 1e-4  # DeepSeek's quantizer: an all-zero block still gets a finite, 
 # conversion are vectorised on CPU; PyTorch's own float8 -> float32 conversion is ~7x slower there. The 2^8 goes
 # into the block scale, which keeps the product exact: both factors are exact and it is rounded once.
 _E4M3_VIA_FP16_FACTOR = 2.0**8
-# Values per CPU tile: a float32 tile (1 MiB) stays in one core's L2. Measured on DeepSeek shapes, 2 EPYC cores:
-# 2-4x the throughput of whole-tensor passes; smaller tiles lose to per-operation overhead.
-_TILE_VALUES = 1 << 18
-
-TileMerge = Callable[[torch.Tensor, slice, slice], torch.Tensor]
-"""(float32 tile of the dequantized weight, its rows, its columns) -> the merged tile, a new tensor."""
 
 
 class DeltaSurvival(BaseModel):
@@ -63,7 +58,7 @@ def dequantize(
     `merge` applied to it when given, then rounded once to `dtype`."""
     scales = scales.to(device=codes.device, dtype=torch.float32)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    for rows, cols in _tiles(codes.shape, block, codes.device):
+    for rows, cols in tiles(codes.shape, codes.device, block):
         values = _decoded(codes[rows, cols], scales[_grid(rows, cols, block)], block)
         out[rows, cols] = values if merge is None else merge(values, rows, cols)
     return out
@@ -77,7 +72,7 @@ def quantize(weight: torch.Tensor, block: tuple[int, int], *, ue8m0: bool = Fals
     """
     codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     scales = torch.empty(scale_grid_shape(weight.shape, block), dtype=torch.float32, device=weight.device)
-    for rows, cols in _tiles(weight.shape, block, weight.device):
+    for rows, cols in tiles(weight.shape, weight.device, block):
         codes[rows, cols], scales[_grid(rows, cols, block)] = _encoded(weight[rows, cols].float(), block, ue8m0)
     return codes, scales
 
@@ -102,7 +97,7 @@ def requantize(
     # Sums of products of the intended ΔW `i = merged - base` and the quantization error `e = realised - merged`:
     # realised ΔW is `i + e`, so cosine and norms follow without the cancellation of subtracting two near-equal sums.
     ii = ie = ee = 0.0
-    for rows, cols in _tiles(codes.shape, block, codes.device):
+    for rows, cols in tiles(codes.shape, codes.device, block):
         base = _decoded(codes[rows, cols], scales[_grid(rows, cols, block)], block)
         merged = merge(base, rows, cols)
         tile_codes, grid = _encoded(merged, block, ue8m0)
@@ -127,20 +122,6 @@ def _survival(tensor: str, ii: float, ie: float, ee: float) -> DeltaSurvival:
         relative_norm=math.sqrt(rr / ii),
         relative_error=math.sqrt(ee / ii),
     )
-
-
-def _tiles(shape: tuple[int, ...], block: tuple[int, int], device: torch.device) -> Iterator[tuple[slice, slice]]:
-    """(rows, columns) of the tiles to process, in whole blocks of about _TILE_VALUES values; one tile on a GPU."""
-    rows, cols = shape
-    if device.type != "cpu":
-        yield slice(0, rows), slice(0, cols)
-        return
-    bm, bn = block
-    col_step = bn * max(1, min(math.ceil(cols / bn), _TILE_VALUES // (bm * bn)))
-    row_step = bm * max(1, _TILE_VALUES // (bm * col_step))
-    for start in range(0, rows, row_step):
-        for col in range(0, cols, col_step):
-            yield slice(start, min(rows, start + row_step)), slice(col, min(cols, col + col_step))
 
 
 def _grid(rows: slice, cols: slice, block: tuple[int, int]) -> tuple[slice, slice]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .fp8 import TileMerge
 from .plan import Update
+from .tiling import TileMerge
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
 
@@ -44,18 +44,20 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
 
 
 def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
-    """`merged_tensor` one tile of the weight at a time, for updates whose ΔW splits by rows and columns (LoRA on a
-    linear weight or on one expert's slice); None for the others (DoRA's norms span the whole weight).
+    """`merged_tensor` one tile of the weight at a time, for plain LoRA deltas (on a linear weight or on one expert's
+    slice); None for the others (DoRA's norms span the whole weight).
 
-    A tile of `B @ A` is `B[rows] @ A[:, cols]`: the same dot products in the same order, so the same bits."""
+    Each ΔW = (B @ A)·s is computed whole, by the same call as PEFT's: a tile's `B[rows] @ A[:, cols]` is not always
+    the same bits (MKL picks other kernels for a few rows or columns, measured). The tiles then save the full-size
+    float32 copy of the weight and the passes over it."""
     if not all(u.kind == "delta" and u.form in TILED_FORMS and not u.magnitude for u in updates):
         return None
+    deltas = [delta_weight(update, fetch) for update in updates]
 
     def merge(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
-        first, *rest = (delta_weight(update, fetch, (rows, cols)) for update in updates)
-        merged = first.add_(values)  # ΔW + W is W + ΔW (addition commutes exactly), in ΔW's fresh buffer
-        for delta in rest:
-            merged.add_(delta)
+        merged = values + deltas[0][rows, cols]
+        for delta in deltas[1:]:
+            merged.add_(delta[rows, cols])
         return merged
 
     return merge
@@ -63,7 +65,8 @@ def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
 
 def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:
     """The update's ΔW in the base tensor's own layout, scaling included (a new tensor the caller may modify);
-    `tile` (rows, columns) asks for part of it, for the forms in TILED_FORMS."""
+    `tile` (rows, columns) asks for part of it, for the forms in TILED_FORMS: validation recomputes sampled rows
+    that way (in float64; a part is not always the same float32 bits as the slice of the whole)."""
     assert tile == WHOLE or update.form in TILED_FORMS, update.form
     rows, cols = tile
     s = update.scale

@@ -20,12 +20,13 @@ import torch
 
 from .adapter import read_adapter_tensor
 from .errors import CheckpointFormatError, LoraMergeError
-from .fp8 import DeltaSurvival, TileMerge, dequantize, requantize
+from .fp8 import DeltaSurvival, dequantize, requantize
 from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
 from .storage import COPY_CHUNK_BYTES
+from .tiling import TileMerge, tiles
 
 READ_AHEAD_BYTES = 2 * COPY_CHUNK_BYTES
 
@@ -194,6 +195,9 @@ def _merge_tensor(planned: PlannedTensor, data: bytes, fetch: Fetch, device: tor
     base = _from_buffer(data, dtype, planned.base.shape)
     # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    merge = tile_merge(planned.updates, lambda key: fetch(key).to(compute))
+    if merge is not None and base.dim() == 2 and planned.shape == planned.base.shape:
+        return _merge_tiles(planned, base, merge, compute, device)
     # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
     weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
@@ -204,11 +208,28 @@ def _merge_tensor(planned: PlannedTensor, data: bytes, fetch: Fetch, device: tor
     result = merged.to(dtype=dtype).cpu()
     # Checked after rounding: an fp16 tensor can overflow to Inf only there.
     if finite_base and not _all_finite(result):
-        raise LoraMergeError(
-            f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
-            f"{', '.join(u.module for u in planned.updates)} are broken (NaN or values beyond {planned.dtype}'s range)"
-        )
+        raise _adapter_broke(planned)
     return result
+
+
+def _merge_tiles(
+    planned: PlannedTensor, base: torch.Tensor, merge: TileMerge, compute: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A 2-D weight merged a tile at a time (LoRA on a linear weight): convert, add ΔW, round into the output, with
+    no full-size float32 copy of the weight or of ΔW. The same bits as the whole-tensor path."""
+    result = torch.empty(planned.shape, dtype=base.dtype)
+    for rows, cols in tiles(base.shape, device):
+        result[rows, cols] = merge(base[rows, cols].to(device=device, dtype=compute), rows, cols)
+    if not _all_finite(result) and _all_finite(base):  # checked after rounding: fp16 can overflow only there
+        raise _adapter_broke(planned)
+    return result
+
+
+def _adapter_broke(planned: PlannedTensor) -> LoraMergeError:
+    return LoraMergeError(
+        f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
+        f"{', '.join(u.module for u in planned.updates)} are broken (NaN or values beyond {planned.dtype}'s range)"
+    )
 
 
 def _from_buffer(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""Tiles: a large 2-D weight processed a cache-sized piece at a time.
+
+A merge makes several passes over each value (convert, add the delta, round; for FP8 also decode, encode and
+compare). Done on whole tensors, each pass streams a full-size float32 temporary through memory; done a tile at a
+time, the passes run in cache. Only elementwise work is tiled: the LoRA product `B @ A` is computed whole, as PEFT
+computes it (see `lora_math.tile_merge`), so tiles give the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+# Values per CPU tile: a float32 tile (1 MiB) stays in one core's L2. Measured on DeepSeek shapes, 2 EPYC cores:
+# 2-4x the throughput of whole-tensor passes; smaller tiles lose to per-operation overhead.
+TILE_VALUES = 1 << 18
+
+TileMerge = Callable[[torch.Tensor, slice, slice], torch.Tensor]
+"""(float32 tile of the base weight, its rows, its columns) -> the merged tile, a new tensor."""
+
+
+def tiles(
+    shape: tuple[int, ...], device: torch.device, block: tuple[int, int] = (1, 1)
+) -> Iterator[tuple[slice, slice]]:
+    """(rows, columns) of the tiles of a 2-D tensor, in whole `block`s of about TILE_VALUES values; one tile on a
+    GPU, which has the bandwidth for whole-tensor passes."""
+    rows, cols = shape
+    if device.type != "cpu":
+        yield slice(0, rows), slice(0, cols)
+        return
+    bm, bn = block
+    col_step = bn * max(1, min(math.ceil(cols / bn), TILE_VALUES // (bm * bn)))
+    row_step = bm * max(1, TILE_VALUES // (bm * col_step))
+    for start in range(0, rows, row_step):
+        for col in range(0, cols, col_step):
+            yield slice(start, min(rows, start + row_step)), slice(col, min(cols, col + col_step))
