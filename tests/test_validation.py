@@ -72,6 +72,7 @@ def test_a_correct_output_passes_every_check_with_its_numbers_recomputed(llama_c
         assert numbers.flips <= 0.01
         assert numbers.relative_change is not None and 0 < numbers.relative_change < 10
     assert report.checks["tensors recomputed"] == len(touched)
+    assert report.checks["adapter tensors"] == 2 * len(touched), "each lora_A/lora_B counted once, by one check"
     assert report.checks["copied byte ranges"] > 0
 
 

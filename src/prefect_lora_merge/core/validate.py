@@ -57,14 +57,14 @@ def validate_output(
     if plan is not None:
         _check_against_plan(plan, headers, manifest, failures, checks)
         numbers = check_numbers(plan, headers, failures, checks)
+    elif manifest is not None:
+        _check_coverage_from_manifest(manifest, failures, checks)
     forward_result = None
     if forward:
         if plan is None:
             raise LoraMergeError("the forward check needs the base and the adapter (a plan)")
         forward_result = forward_check(plan, failures)
         checks["forward passes"] += 1
-    elif manifest is not None:
-        _check_coverage_from_manifest(manifest, failures, checks)
     return ValidationReport(
         output=output.uri,
         passed=not failures,
