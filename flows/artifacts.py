@@ -77,11 +77,7 @@ def publish_summary(plan: MergePlan, failures: list[str], report: ValidationRepo
     if report is not None:
         lines += ["", "## Validation", "", "| check | count |", "|---|---:|"]
         lines += [f"| {name} | {count} |" for name, count in report.checks.items()]
-        changed = sorted(
-            (n for n in report.numbers if n.relative_change is not None),
-            key=lambda n: n.relative_change or 0.0,
-            reverse=True,
-        )
+        changed = report.largest_changes()
         lines += _by_layer(changed)
         if changed:
             lines += ["", "## Largest changes ‖ΔW‖/‖W‖ (recomputed rows)", "", "| tensor | ‖ΔW‖/‖W‖ | rows checked |"]

@@ -124,11 +124,7 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         validation_passed=report.passed,
         validation_checks=report.checks,
         validation_seconds=report.seconds,
-        largest_change=max(
-            (n for n in report.numbers if n.relative_change is not None),
-            key=lambda n: n.relative_change or 0.0,
-            default=None,
-        ),
+        largest_change=next(iter(report.largest_changes()), None),
         decisions=list(plan.decisions),
     )
 

@@ -7,9 +7,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect_lora_merge.core.errors import LoraMergeError
+
+if TYPE_CHECKING:  # the CLI imports torch-backed modules only when a command needs them
+    from prefect_lora_merge.core.recompute import TensorNumbers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,8 +174,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             f"the merge's time): {', '.join(f'{v} {k}' for k, v in summary.validation_checks.items())}"
         )
         if summary.largest_change is not None:
-            change = summary.largest_change
-            print(f"largest change ‖ΔW‖/‖W‖: {change.relative_change:.3g} on {change.tensor}")
+            _print_largest_change(summary.largest_change)
         if summary.fp8_worst_delta is not None:
             worst = summary.fp8_worst_delta
             print(
@@ -260,13 +262,17 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
                 f"forward ({f.architecture}, {f.tokens} tokens): logits {f.relative_diff:.2g} from PEFT's merge "
                 f"(allowed {f.allowed:g}; the adapter moves them {f.adapter_effect:.2g})"
             )
-        changes = [n for n in report.numbers if n.relative_change is not None]
+        changes = report.largest_changes()
         if changes:
-            largest = max(changes, key=lambda n: n.relative_change or 0.0)
-            print(f"largest change ‖ΔW‖/‖W‖: {largest.relative_change:.3g} on {largest.tensor}")
+            _print_largest_change(changes[0])
     if not report.passed:
         raise ValidationFailed(report.failures)
     return 0
+
+
+def _print_largest_change(change: TensorNumbers) -> None:
+    """The touched tensor the merge changed most, as `run` and `validate` print it."""
+    print(f"largest change ‖ΔW‖/‖W‖: {change.relative_change:.3g} on {change.tensor}")
 
 
 def _merged_output_dtype(output: Any) -> str:

@@ -32,6 +32,11 @@ class ValidationReport(BaseModel):
     # validate --forward: logits of the output loaded with transformers against PEFT's merge
     forward: ForwardCheck | None = None
 
+    def largest_changes(self) -> list[TensorNumbers]:
+        """The recomputed tensors the merge changed, largest ‖ΔW‖/‖W‖ first."""
+        changed = [n for n in self.numbers if n.relative_change is not None]
+        return sorted(changed, key=lambda n: n.relative_change or 0.0, reverse=True)
+
 
 def validate_output(
     output: Location, plan: MergePlan | None = None, manifest: Manifest | None = None, *, forward: bool = False
