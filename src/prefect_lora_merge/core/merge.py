@@ -195,40 +195,46 @@ def _merge_tensor(planned: PlannedTensor, data: bytes, fetch: Fetch, device: tor
     base = _from_buffer(data, dtype, planned.base.shape)
     # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    merge = tile_merge(planned.updates, lambda key: fetch(key).to(compute))
+
+    def fetch_compute(key: str) -> torch.Tensor:
+        return fetch(key).to(compute)
+
+    merge = tile_merge(planned.updates, fetch_compute)
     if merge is not None and base.dim() == 2 and planned.shape == planned.base.shape:
         return _merge_tiles(planned, base, merge, compute, device)
     # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
     weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
     del base
-    merged = merged_tensor(weight, planned.updates, lambda key: fetch(key).to(compute))
+    merged = merged_tensor(weight, planned.updates, fetch_compute)
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
     result = merged.to(dtype=dtype).cpu()
     # Checked after rounding: an fp16 tensor can overflow to Inf only there.
     if finite_base and not _all_finite(result):
-        raise _adapter_broke(planned)
+        raise _adapter_broke(planned.name, planned.updates, planned.dtype)
     return result
 
 
 def _merge_tiles(
     planned: PlannedTensor, base: torch.Tensor, merge: TileMerge, compute: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """A 2-D weight merged a tile at a time (LoRA on a linear weight): convert, add ΔW, round into the output, with
-    no full-size float32 copy of the weight or of ΔW. The same bits as the whole-tensor path."""
+    """A 2-D weight merged a tile at a time (LoRA on a linear weight): convert, add ΔW's tile, round into the output,
+    with no full-size float32 copy of the weight (ΔW itself is whole, see `tile_merge`). The same bits as the
+    whole-tensor path."""
     result = torch.empty(planned.shape, dtype=base.dtype)
     for rows, cols in tiles(base.shape, device):
         result[rows, cols] = merge(base[rows, cols].to(device=device, dtype=compute), rows, cols)
     if not _all_finite(result) and _all_finite(base):  # checked after rounding: fp16 can overflow only there
-        raise _adapter_broke(planned)
+        raise _adapter_broke(planned.name, planned.updates, planned.dtype)
     return result
 
 
-def _adapter_broke(planned: PlannedTensor) -> LoraMergeError:
+def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> LoraMergeError:
+    """NaN/Inf from a finite base: the adapter's fault (NaN in it, or a result beyond the `limit` dtype's range)."""
     return LoraMergeError(
-        f"merging into {planned.name} produced NaN/Inf values from a finite base: the adapter's tensors for "
-        f"{', '.join(u.module for u in planned.updates)} are broken (NaN or values beyond {planned.dtype}'s range)"
+        f"merging into {name} produced NaN/Inf values from a finite base: the adapter's tensors for "
+        f"{', '.join(u.module for u in updates)} are broken (NaN or values beyond {limit}'s range)"
     )
 
 
@@ -299,10 +305,7 @@ def _not_finite(
             f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
             f"{weight.scales.file}): the base checkpoint is damaged"
         )
-    return LoraMergeError(
-        f"merging into {name} produced NaN/Inf values: the adapter's tensors for "
-        f"{', '.join(u.module for u in updates)} are broken"
-    )
+    return _adapter_broke(name, updates, "float32")
 
 
 def _check_survival(job: MergeJob, shard: ShardPlan, survival: DeltaSurvival) -> None:
