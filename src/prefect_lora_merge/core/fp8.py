@@ -124,12 +124,15 @@ def _survival(tensor: str, ii: float, ie: float, ee: float) -> DeltaSurvival:
     )
 
 
+def grid_span(span: slice, block: int) -> slice:
+    """The scale-grid rows (or columns) covering weight rows (or columns) `span`, which starts on a block boundary
+    for a tile and anywhere for validation's sampled rows."""
+    return slice(span.start // block, math.ceil(span.stop / block))
+
+
 def _grid(rows: slice, cols: slice, block: tuple[int, int]) -> tuple[slice, slice]:
-    """The scale-grid entries of a tile that starts on block boundaries."""
-    return (
-        slice(rows.start // block[0], math.ceil(rows.stop / block[0])),
-        slice(cols.start // block[1], math.ceil(cols.stop / block[1])),
-    )
+    """The scale-grid entries of a tile."""
+    return grid_span(rows, block[0]), grid_span(cols, block[1])
 
 
 def _decoded(

@@ -188,6 +188,11 @@ class ShardPlan(BaseModel):
     tensors: tuple[PlannedTensor, ...]  # in the base's data order
 
     @property
+    def base_data_start(self) -> int:
+        """Offset of the base shard's data section (after the 8-byte length and the JSON header)."""
+        return 8 + self.base_header_bytes
+
+    @property
     def touched(self) -> list[PlannedTensor]:
         """Tensors the adapter changes."""
         return [t for t in self.tensors if t.updates]

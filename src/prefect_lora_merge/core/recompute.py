@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
-from .fp8 import quantize
+from .fp8 import grid_span, quantize
 from .lora_math import delta_weight, dora_rescale
 from .plan import MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
@@ -154,14 +154,15 @@ class _TensorCheck:
         base_rows, _ = _as_rows(tensor.base.shape)
         if rows.stop > base_rows:  # a resized embedding's new rows: the adapter replaces the whole tensor
             return None
-        data_start = 8 + self.shard.base_header_bytes
-        return _read_rows(self.plan.job.base, self.shard.file, data_start, tensor.base, rows).to(torch.float64)
+        return _read_rows(self.plan.job.base, self.shard.file, self.shard.base_data_start, tensor.base, rows).to(
+            torch.float64
+        )
 
     def _scales(self, location: Location, rows: slice) -> torch.Tensor:
         """The scale-grid rows covering these weight rows, from the base or from the output."""
         assert self.tensor.fp8 is not None
         scales = self.tensor.fp8.weight.scales
-        grid = _grid_rows(rows, self.tensor.fp8.weight.block[0])
+        grid = grid_span(rows, self.tensor.fp8.weight.block[0])
         if location is self.plan.job.base:
             return _read_rows(location, scales.file, scales.data_start, scales.entry, grid)
         header = self.headers.get(scales.file)
@@ -325,7 +326,7 @@ def _sample_runs(name: str, rows: int, cols: int, align: int) -> list[slice]:
     """Four runs of whole `align`-row groups: start, middle, end, and one place picked from the tensor's name."""
     length = align * max(1, math.ceil(max(1, RUN_VALUES // cols) / align))
     groups = math.ceil(rows / align)
-    picked = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % groups
+    picked = _seed(name) % groups
     starts = sorted({0, groups // 2 * align, max(0, rows - length) // align * align, picked * align})
     runs: list[slice] = []
     for start in starts:
@@ -349,12 +350,8 @@ def _read_rows(location: Location, file: str, data_start: int, entry: TensorEntr
     return torch.frombuffer(bytearray(data), dtype=torch_dtype(entry.dtype)).reshape(-1, cols)
 
 
-def _grid_rows(rows: slice, block_rows: int) -> slice:
-    return slice(rows.start // block_rows, math.ceil(rows.stop / block_rows))
-
-
 def _expanded(grid: torch.Tensor, block: tuple[int, int], rows: slice, cols: int) -> torch.Tensor:
-    """Each value's scale, for weight rows `rows` from the grid rows `_grid_rows(rows)`: textbook, unblocked."""
+    """Each value's scale, for weight rows `rows` from the grid rows `grid_span(rows)`: textbook, unblocked."""
     offset = rows.start % block[0]
     full = grid.to(torch.float64).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return full[offset : offset + rows.stop - rows.start, :cols]
@@ -367,11 +364,12 @@ def _dequantized(codes: torch.Tensor, grid: torch.Tensor, block: tuple[int, int]
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
     """Stored values as integers of their width, to compare encodings (FP8 has no `!=` on CPU)."""
-    return (
-        values.view({1: torch.uint8, 2: torch.int16}.get(values.element_size(), torch.int32))
-        if values.element_size() < 8
-        else values.view(torch.int64)
-    )
+    return values.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()])
+
+
+def _seed(text: str) -> int:
+    """A number picked by a name: the same places are sampled on every run."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def _position(index: list[int], rows: slice) -> str:
@@ -383,7 +381,7 @@ def _compare_copied_bytes(plan: MergePlan, shard: ShardPlan, header: ShardHeader
     written = header.by_name()
     copied = [t for t in shard.tensors if not t.computed and not t.dropped and t.base.nbytes and t.name in written]
     samples = list(_copied_samples(shard.file, copied))
-    base_start = 8 + shard.base_header_bytes
+    base_start = shard.base_data_start
     for tensor, offset, length in samples:
         out_entry = written[tensor.name]
         if out_entry.nbytes != tensor.base.nbytes:
@@ -410,7 +408,7 @@ def _copied_samples(file: str, copied: list[PlannedTensor]) -> Iterator[tuple[Pl
     if not copied:
         return
     total = sum(t.base.nbytes for t in copied)
-    seed = int.from_bytes(hashlib.sha256(file.encode()).digest()[:8], "big")
+    seed = _seed(file)
     points = {0, total - 1} | {(seed >> (16 * k)) % total for k in range(COPY_SAMPLES - 2)}
     for point in sorted(points):
         before = 0
