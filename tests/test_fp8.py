@@ -202,6 +202,23 @@ def test_fp8_output_requantizes_touched_weights_with_fresh_scales_wherever_the_s
     assert set(case.cross_shard) <= set(deltas)
 
 
+def test_each_requantized_weight_is_computed_once_per_shard_that_stores_a_half_of_it(
+    case, fp8_out, tmp_path, monkeypatch
+):
+    from prefect_lora_merge.core import merge
+
+    calls: list[str] = []
+    real = merge.requantize
+    monkeypatch.setattr(merge, "requantize", lambda *a, **k: calls.append(k["tensor"]) or real(*a, **k))
+    out = tmp_path / "merged"
+    merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
+    touched = {t.name for s in fp8_out[1].plan.shards for t in s.touched if t.fp8 is not None}
+    # once where codes and scales share a shard; in each of the two shards where they do not
+    assert sorted(calls) == sorted([*touched, *(set(case.cross_shard) & touched)])
+    for path in shards(fp8_out[0]):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_fp8_output_reports_how_much_of_each_delta_survived(case, fp8_out):
     out, result = fp8_out
     touched = sorted(t.name for s in result.plan.shards for t in s.touched if t.fp8 is not None)

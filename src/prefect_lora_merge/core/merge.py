@@ -110,6 +110,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     digest, written, applied = hashlib.sha256(), 0, []
     survivals: list[DeltaSurvival] = []
     adapter_cache: dict[str, torch.Tensor] = {}
+    kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _fp8_tensor
 
     def fetch(key: str) -> torch.Tensor:
         if key not in adapter_cache:
@@ -131,7 +132,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
                 continue
             planned = segment.tensor
             if planned.fp8 is not None:
-                result, survival = _fp8_tensor(planned, segment.data, segment.companion, fetch, device)
+                result, survival = _fp8_tensor(planned, segment.data, segment.companion, fetch, device, kept)
                 if survival is not None:
                     _check_survival(job, shard, survival)
                     survivals.append(survival)
@@ -252,11 +253,16 @@ def _fp8_tensor(
     companion: bytes,
     fetch: Fetch,
     device: torch.device,
+    kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]],
 ) -> tuple[torch.Tensor, DeltaSurvival | None]:
     """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight.
 
     The delta applies to the dequantized float32 weight (LoRA on FP8 bases is trained on a bf16/fp32 copy), one
-    tile at a time where the update allows it."""
+    tile at a time where the update allows it. A re-quantization makes codes and scales at once: when the other
+    half is stored later in the same shard, it waits in `kept` (by tensor name) instead of being computed again;
+    in another shard, that shard's merge computes it from the same inputs."""
+    if planned.name in kept:
+        return kept.pop(planned.name)
     role = planned.fp8
     assert role is not None
     weight = role.weight
@@ -280,9 +286,12 @@ def _fp8_tensor(
     )
     if not _all_finite(new_scales):  # any NaN/Inf in a block ends up in its scale
         raise _not_finite(planned, codes, scales, updates)
-    if role.write == "scales":
-        return new_scales.cpu(), None
-    return new_codes.cpu(), survival
+    codes_half, scales_half = (new_codes.cpu(), survival), (new_scales.cpu(), None)
+    mine, other = (scales_half, codes_half) if role.write == "scales" else (codes_half, scales_half)
+    if weight.codes.file == weight.scales.file:
+        other_name = weight.codes.entry.name if role.write == "scales" else weight.scales.entry.name
+        kept[other_name] = other
+    return mine
 
 
 def _whole_merge(
