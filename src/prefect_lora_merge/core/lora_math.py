@@ -12,12 +12,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .plan import Update
+from .plan import TILED_FORMS, Update, merges_by_tiles
 from .tiling import TileMerge
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
 
-TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time
 WHOLE = (slice(None), slice(None))
 
 
@@ -47,20 +46,39 @@ def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
     """`merged_tensor` one tile of the weight at a time, for plain LoRA deltas (on a linear weight or on one expert's
     slice); None for the others (DoRA's norms span the whole weight).
 
-    Each ΔW = (B @ A)·s is computed whole, by the same call as PEFT's: a tile's `B[rows] @ A[:, cols]` is not always
-    the same bits (MKL picks other kernels for a few rows or columns, measured). The tiles then save the full-size
-    float32 copy of the weight and the passes over it."""
-    if not all(u.kind == "delta" and u.form in TILED_FORMS and not u.magnitude for u in updates):
+    Each product B @ A is computed whole, by the same call as PEFT's: a tile's `B[rows] @ A[:, cols]` is not always
+    the same bits (MKL picks other kernels for a few rows or columns, measured). The scaling, the addition and the
+    rounding then run per tile, in cache: no full-size float32 copy of the weight, and one pass over the product
+    instead of three (scale in place, add, read)."""
+    if not merges_by_tiles(updates):
         return None
-    deltas = [delta_weight(update, fetch) for update in updates]
+    products = [(lora_product(update, fetch), update.scale) for update in updates]
 
     def merge(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
-        merged = values + deltas[0][rows, cols]
-        for delta in deltas[1:]:
-            merged.add_(delta[rows, cols])
+        merged: torch.Tensor | None = None
+        for product, scale in products:
+            delta = product[rows, cols] * scale  # ΔW's tile, rounded as PEFT rounds (B @ A) * s
+            merged = values + delta if merged is None else merged.add_(delta)
+        assert merged is not None
         return merged
 
     return merge
+
+
+def lora_product(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:
+    """B @ A of a linear or per-expert update, before scaling (the scaling is applied per tile, in cache, as a
+    second rounding step exactly like PEFT's `(B @ A) * s`)."""
+    A, B = (fetch(k) for k in update.adapter_tensors)
+    rows, cols = tile
+    if update.form == "linear":
+        return B[rows] @ A[:, cols]
+    assert update.form == "expert" and update.expert is not None and update.rows is not None, update.form
+    experts = update.num_experts
+    assert experts is not None
+    A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
+    B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
+    start, end = update.rows
+    return B3[start:end, :, update.expert][rows] @ A3[update.expert][:, cols]
 
 
 def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:
@@ -68,13 +86,12 @@ def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE
     `tile` (rows, columns) asks for part of it, for the forms in TILED_FORMS: validation recomputes sampled rows
     that way (in float64; a part is not always the same float32 bits as the slice of the whole)."""
     assert tile == WHOLE or update.form in TILED_FORMS, update.form
-    rows, cols = tile
     s = update.scale
     if update.form == "bias":
         return fetch(update.adapter_tensors[0]) * s
+    if update.form in TILED_FORMS:
+        return lora_product(update, fetch, tile).mul_(s)
     A, B = (fetch(k) for k in update.adapter_tensors)
-    if update.form == "linear":
-        return (B[rows] @ A[:, cols]).mul_(s)
     if update.form in ("linear_t", "embedding"):
         return (B @ A).T.mul_(s)
     if update.form == "conv":
@@ -86,13 +103,9 @@ def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE
     assert experts is not None
     A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
     B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
-    if update.form == "experts":
-        pattern = "o r e, e r i -> e o i" if update.experts_layout == "eoi" else "o r e, e r i -> e i o"
-        return torch.einsum(pattern, B3, A3).mul_(s)
-    # One expert's slice of the fused delta, for checkpoints that store experts as separate Linear weights.
-    assert update.expert is not None and update.rows is not None
-    start, end = update.rows
-    return (B3[start:end, :, update.expert][rows] @ A3[update.expert][:, cols]).mul_(s)
+    assert update.form == "experts", update.form
+    pattern = "o r e, e r i -> e o i" if update.experts_layout == "eoi" else "o r e, e r i -> e i o"
+    return torch.einsum(pattern, B3, A3).mul_(s)
 
 
 def dora_rescale(combined: torch.Tensor, magnitude: torch.Tensor, form: str | None) -> None:

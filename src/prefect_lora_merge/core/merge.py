@@ -1,7 +1,8 @@
 """Merging one shard: stream the base shard's tensors in order, rewrite the touched ones, copy the rest as bytes.
 
-Reading runs one step ahead of computing and writing (a reader thread with a byte budget), so a shard's time is
-close to max(read, compute, write) rather than their sum, and memory stays bounded by the largest tensor.
+A shard is a three-stage pipeline: a reader thread runs ahead of the computing thread, and a writer thread, which
+also hashes, runs behind it, each within a byte budget. A shard's time is then close to max(read, compute,
+write + hash) rather than their sum, and memory stays bounded by the largest tensor plus the two budgets.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import queue
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -25,10 +29,8 @@ from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
-from .storage import COPY_CHUNK_BYTES
+from .storage import COPY_CHUNK_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
 from .tiling import TileMerge, tiles
-
-READ_AHEAD_BYTES = 2 * COPY_CHUNK_BYTES
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,18 +69,20 @@ class _Segment:
     companion: bytes = b""  # an FP8 weight's scale grid, or a scale grid's weight codes (maybe from another shard)
 
 
-def merge_or_resume_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
+def merge_or_resume_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
     """The shard's receipt: from its record when an earlier run of this merge committed it, else by merging it."""
     record = committed_record(job, shard)
     if record is not None:
         return ShardReceipt(**record.model_dump(), seconds=0.0, device="none", resumed=True)
-    return merge_shard(job, shard)
+    return merge_shard(job, shard, threads)
 
 
-def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
+def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
     """Write the merged version of one base shard to the output, atomically, then its record; return the receipt.
 
     The record is written only after the shard's object is committed, so a record always describes a whole shard.
+    `threads` sets the threads of the elementwise tile passes (see `resources.choose_parallelism`); None leaves
+    torch's setting alone.
     """
     started = time.perf_counter()
     keep_large_buffers_off_the_heap()
@@ -107,7 +111,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     else:
         header_blob = encode_header(shard.output_entries(), shard.metadata)
 
-    digest, written, applied = hashlib.sha256(), 0, []
+    applied: list[str] = []
     survivals: list[DeltaSurvival] = []
     adapter_cache: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _fp8_tensor
@@ -117,30 +121,24 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
             adapter_cache[key] = read_adapter_tensor(job.adapter, key).to(device=device, dtype=torch.float32)
         return adapter_cache[key]
 
-    with job.output.atomic_writer(shard.file) as out:
-
-        def emit(data: bytes | memoryview) -> None:
-            nonlocal written
-            out.write(data)
-            digest.update(data)
-            written += len(data)
-
-        emit(header_blob)
+    with job.output.atomic_writer(shard.file) as out, _write_behind(out, shard.file) as writer:
+        writer.write(header_blob)
         for segment in _read_ahead(job, shard, header.data_start):
             if segment.tensor is None:
-                emit(segment.data)
+                writer.write(segment.data)
                 continue
             planned = segment.tensor
             if planned.fp8 is not None:
-                result, survival = _fp8_tensor(planned, segment.data, segment.companion, fetch, device, kept)
+                result, survival = _fp8_tensor(planned, segment, fetch, device, kept, threads)
                 if survival is not None:
                     _check_survival(job, shard, survival)
                     survivals.append(survival)
             else:
-                result = _merge_tensor(planned, segment.data, fetch, device)
-            emit(tensor_to_bytes(result))
+                result = _merge_tensor(planned, segment.data, fetch, device, threads)
+            writer.write(tensor_to_bytes(result))  # the view keeps `result` alive until it is written
             applied += [k for u in planned.updates for k in update_keys(u)]
             del result
+    written = writer.written
     expected = len(header_blob) + sum(e.nbytes for e in shard.output_entries())
     if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently
         job.output.remove(shard.file)
@@ -148,7 +146,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
     receipt = ShardReceipt(
         file=shard.file,
         bytes=written,
-        sha256=digest.hexdigest(),
+        sha256=writer.digest.hexdigest(),
         fingerprint=job.fingerprint,
         tensors=len(shard.tensors),
         touched=[t.name for t in shard.touched],
@@ -191,7 +189,25 @@ def _copy_server_side(job: MergeJob, shard: ShardPlan, started: float) -> ShardR
     return receipt
 
 
-def _merge_tensor(planned: PlannedTensor, data: bytes, fetch: Fetch, device: torch.device) -> torch.Tensor:
+@contextmanager
+def _elementwise_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads for the tile passes of the calling thread (OpenMP keeps the setting per thread),
+    restored after. Only elementwise work runs under it: their bits do not depend on the thread count, while a
+    product's or a norm's can (MKL, oneDNN), and those must run as PEFT runs them on this machine."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _merge_tensor(
+    planned: PlannedTensor, data: bytes, fetch: Fetch, device: torch.device, threads: int | None
+) -> torch.Tensor:
     dtype = torch_dtype(planned.dtype)
     base = _from_buffer(data, dtype, planned.base.shape)
     # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
@@ -202,7 +218,8 @@ def _merge_tensor(planned: PlannedTensor, data: bytes, fetch: Fetch, device: tor
 
     merge = tile_merge(planned.updates, fetch_compute)
     if merge is not None and base.dim() == 2 and planned.shape == planned.base.shape:
-        return _merge_tiles(planned, base, merge, compute, device)
+        with _elementwise_threads(threads):
+            return _merge_tiles(planned, base, merge, compute, device)
     # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
     weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
@@ -249,11 +266,11 @@ def _from_buffer(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
 
 def _fp8_tensor(
     planned: PlannedTensor,
-    data: bytes,
-    companion: bytes,
+    segment: _Segment,
     fetch: Fetch,
     device: torch.device,
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]],
+    threads: int | None,
 ) -> tuple[torch.Tensor, DeltaSurvival | None]:
     """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight.
 
@@ -267,23 +284,25 @@ def _fp8_tensor(
     assert role is not None
     weight = role.weight
     if role.write == "scales":
-        codes_bytes, scale_bytes, updates = companion, data, role.weight_updates
+        codes_bytes, scale_bytes, updates = segment.companion, segment.data, role.weight_updates
     else:
-        codes_bytes, scale_bytes, updates = data, companion, planned.updates
+        codes_bytes, scale_bytes, updates = segment.data, segment.companion, planned.updates
     codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
     scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
     merge = None
     if updates:
         merge = tile_merge(updates, fetch) or _whole_merge(codes, scales, weight.block, updates, fetch)
     if role.write == "dequantized":
-        result = dequantize(codes, scales, weight.block, torch.bfloat16, merge)
+        with _elementwise_threads(threads):
+            result = dequantize(codes, scales, weight.block, torch.bfloat16, merge)
         if not _all_finite(result):  # bf16 has fp32's range: only NaN/Inf in the base or the adapter end up here
             raise _not_finite(planned, codes, scales, updates)
         return result.cpu(), None
     assert merge is not None, "only touched weights are re-quantized"
-    new_codes, new_scales, survival = requantize(
-        codes, scales, weight.block, merge, ue8m0=weight.ue8m0, tensor=weight.codes.entry.name
-    )
+    with _elementwise_threads(threads):
+        new_codes, new_scales, survival = requantize(
+            codes, scales, weight.block, merge, ue8m0=weight.ue8m0, tensor=weight.codes.entry.name
+        )
     if not _all_finite(new_scales):  # any NaN/Inf in a block ends up in its scale
         raise _not_finite(planned, codes, scales, updates)
     codes_half, scales_half = (new_codes.cpu(), survival), (new_scales.cpu(), None)
@@ -417,3 +436,82 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_S
         with changed:
             stop.set()
             changed.notify_all()
+
+
+class _WriteBehind:
+    """Writes and hashes a shard's bytes on a thread of its own while the merge computes what comes next.
+
+    At most WRITE_BEHIND_BYTES wait to be written; a piece larger than that waits alone. A write error stops the
+    thread and is raised in the merging thread at its next `write` or at the end.
+    """
+
+    def __init__(self, out: BinaryIO, name: str) -> None:
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self._out = out
+        self._waiting: deque[bytes | memoryview] = deque()
+        self._waiting_bytes = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | memoryview) -> None:
+        size = len(data)
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._error is not None or not self._waiting or self._waiting_bytes + size <= WRITE_BEHIND_BYTES
+            )
+            if self._error is not None:
+                raise self._error
+            self._waiting.append(data)
+            self._waiting_bytes += size
+            self._changed.notify_all()
+
+    def close(self, *, discard: bool = False) -> None:
+        """Wait until every piece is written (or, with `discard`, drop those not yet started); raise its error."""
+        with self._changed:
+            self._closed = True
+            if discard:
+                self._waiting.clear()
+            self._changed.notify_all()
+        self._thread.join()
+        if self._error is not None and not discard:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed)
+                if not self._waiting:
+                    return
+                data = self._waiting[0]
+            try:  # file writes and sha256 release the GIL: this overlaps the merge's compute
+                self._out.write(data)
+                self.digest.update(data)
+            except BaseException as exc:
+                with self._changed:
+                    self._error = exc
+                    self._waiting.clear()
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                if self._waiting:  # not cleared by a discarding close meanwhile
+                    self._waiting.popleft()
+                    self._waiting_bytes -= len(data)
+                self.written += len(data)
+                self._changed.notify_all()
+
+
+@contextmanager
+def _write_behind(out: BinaryIO, name: str) -> Iterator[_WriteBehind]:
+    """A `_WriteBehind` on `out` that has written everything when the block ends, or stopped if the block raised
+    (so the atomic writer around it never commits or removes a file still being written)."""
+    writer = _WriteBehind(out, name)
+    try:
+        yield writer
+    except BaseException:
+        writer.close(discard=True)
+        raise
+    writer.close()

@@ -21,7 +21,7 @@ from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_in
 from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
 from .fp8 import scale_grid_shape
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
-from .storage import COPY_CHUNK_BYTES, Location, refuse_output_inside_inputs
+from .storage import READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
 # Bump whenever the bytes a merge writes for the same inputs could change: it is part of the plan fingerprint.
 ALGORITHM_VERSION = "1"
@@ -214,18 +214,36 @@ class ShardPlan(BaseModel):
         return all(not t.dropped and t.shape == t.base.shape and t.dtype == t.base.dtype for t in self.tensors)
 
     def peak_bytes(self, adapter: AdapterIndex) -> int:
-        """Working memory of this shard's merge: the largest computed tensor in fp32 three times (base, delta,
-        result; four for a re-quantized one), its adapter tensors, and one copy buffer."""
-        worst = 0
+        """Working memory of this shard's merge: what the reader holds (its budget, or one larger tensor alone),
+        what the writer holds (likewise), and the largest computed tensor's float32 temporaries with its adapter
+        tensors: the product B @ A for a tiled merge, three full copies otherwise, four for a re-quantization."""
+        work = largest_read = largest_result = 0
+        written = {e.name: e.nbytes for e in self.output_entries()}
         for t in self.tensors:
             if not t.computed:
                 continue
             updates = t.updates or (t.fp8.weight_updates if t.fp8 else ())
             adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
             shape = t.fp8.weight.codes.entry.shape if t.fp8 else t.shape
-            copies = 4 if t.fp8 is not None and t.fp8.write in ("codes", "scales") else 3
-            worst = max(worst, copies * math.prod(shape) * 4 + t.base.nbytes + adapter_bytes)
-        return worst + COPY_CHUNK_BYTES
+            if t.fp8 is not None:
+                copies = 4 if t.fp8.write in ("codes", "scales") else 3
+                companion = t.fp8.weight.codes if t.fp8.write == "scales" else t.fp8.weight.scales
+                largest_read = max(largest_read, t.base.nbytes + companion.entry.nbytes)
+            else:
+                copies = 1 if merges_by_tiles(t.updates) and len(shape) == 2 else 3
+                largest_read = max(largest_read, t.base.nbytes)
+            work = max(work, copies * math.prod(shape) * 4 + adapter_bytes)
+            largest_result = max(largest_result, written.get(t.name, 0))
+        return work + max(READ_AHEAD_BYTES, largest_read) + max(WRITE_BEHIND_BYTES, largest_result)
+
+
+TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time
+
+
+def merges_by_tiles(updates: tuple[Update, ...]) -> bool:
+    """Plain LoRA deltas on a linear weight or one expert's slice: merged a tile at a time (`lora_math.tile_merge`);
+    DoRA's norms and the other forms span the whole tensor."""
+    return bool(updates) and all(u.kind == "delta" and u.form in TILED_FORMS and not u.magnitude for u in updates)
 
 
 def update_keys(update: Update) -> tuple[str, ...]:
@@ -268,7 +286,7 @@ class MergePlan(BaseModel):
 
     @property
     def estimated_peak_bytes(self) -> int:
-        return max((s.peak_bytes(self.job.adapter) for s in self.shards), default=COPY_CHUNK_BYTES)
+        return max((s.peak_bytes(self.job.adapter) for s in self.shards), default=READ_AHEAD_BYTES + WRITE_BEHIND_BYTES)
 
     def summary(self) -> dict[str, Any]:
         return {

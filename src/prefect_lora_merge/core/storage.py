@@ -24,6 +24,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .errors import LoraMergeError, OutputLocationError, StorageError
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
+# A shard merge's pipeline buffers: bytes read ahead of the computing thread, and bytes waiting to be written.
+READ_AHEAD_BYTES = 2 * COPY_CHUNK_BYTES
+WRITE_BEHIND_BYTES = 2 * COPY_CHUNK_BYTES
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
