@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -14,8 +15,9 @@ from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
 from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
 from prefect_lora_merge.core.lease import output_lease
 from prefect_lora_merge.core.options import MergeParameters
-from prefect_lora_merge.core.plan import MergePlan
+from prefect_lora_merge.core.plan import MergePlan, ShardPlan
 from prefect_lora_merge.core.recompute import TensorNumbers
+from prefect_lora_merge.core.resources import Parallelism, choose_parallelism, parse_size
 from prefect_lora_merge.core.state import ShardReceipt, claim_output
 from prefect_lora_merge.flows.artifacts import ShardProgress, publish_shard_table, publish_summary
 from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
@@ -31,6 +33,8 @@ class MergeSummary(BaseModel):
     bytes_written: int  # output shard bytes this run produced (resumed shards not counted)
     bytes_copied_server_side: int  # of those, bytes the storage copied itself (untouched shards): none via this host
     seconds: float
+    workers: int = 1  # shards merged at once
+    compute_threads: int = 1  # compute threads per shard
     # FP8 output: the re-quantized weight that kept the least of its delta, and those under FP8_WARN_COSINE
     fp8_worst_delta: DeltaSurvival | None = None
     fp8_weak_deltas: list[DeltaSurvival] = []
@@ -46,25 +50,32 @@ class ShardsFailed(LoraMergeError):
     """Some shard tasks failed; the others finished and are on storage."""
 
 
-@flow(name="lora-merge", task_runner=ThreadPoolTaskRunner(max_workers=2), validate_parameters=True)
+# The flow itself keeps at most `Parallelism.workers` shard tasks submitted, so the task runner needs no bound.
+@flow(name="lora-merge", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def lora_merge(params: MergeParameters) -> MergeSummary:
     started = time.perf_counter()
     plan = plan_merge(params)  # reads only: bad inputs are refused before anything is written
+    parallelism = choose_parallelism(
+        plan.estimated_peak_bytes,
+        len(plan.shards),
+        workers=params.workers,
+        max_memory=None if params.max_memory is None else parse_size(params.max_memory),
+    )
     with output_lease(plan.job.output, break_lock=params.break_lock):
         claim_output(plan, overwrite=params.overwrite)
-        return _merge(plan, started)
+        return _merge(plan, parallelism, started)
 
 
-def _merge(plan: MergePlan, started: float) -> MergeSummary:
+def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSummary:
     logger = get_run_logger()
     logger.info(
-        "planned %d shards, %d tensors touched, estimated peak memory %.0f MiB per shard",
+        "planned %d shards, %d tensors touched, estimated peak memory %.0f MiB per shard; shards: %s",
         len(plan.shards),
         sum(len(s.touched) for s in plan.shards),
         plan.estimated_peak_bytes / 2**20,
+        parallelism.reason,
     )
     progress = ShardProgress(plan)
-    futures = {merge_one_shard.submit(plan.job, shard): shard for shard in plan.shards}
     receipts: list[ShardReceipt] = []
     failures: list[str] = []
     with tqdm(
@@ -75,8 +86,7 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         disable=None,
         leave=False,
     ) as bar:
-        for future in as_completed(list(futures)):
-            shard = futures[future]
+        for shard, future in _bounded(plan, parallelism):
             try:
                 receipts.append(future.result())
             except Exception as exc:  # every shard gets its chance before the flow fails
@@ -119,6 +129,8 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
         bytes_written=sum(r.bytes for r in receipts if not r.resumed),
         bytes_copied_server_side=sum(r.bytes for r in receipts if r.copied_server_side and not r.resumed),
         seconds=time.perf_counter() - started,
+        workers=parallelism.workers,
+        compute_threads=parallelism.threads,
         fp8_worst_delta=deltas[0] if deltas else None,
         fp8_weak_deltas=weak,
         validation_passed=report.passed,
@@ -129,7 +141,19 @@ def _merge(plan: MergePlan, started: float) -> MergeSummary:
     )
 
 
+def _bounded(plan: MergePlan, parallelism: Parallelism) -> Iterator[tuple[ShardPlan, PrefectFuture[ShardReceipt]]]:
+    """Shard tasks in plan order, at most `parallelism.workers` submitted at a time; each (shard, future) as it
+    finishes."""
+    waiting = list(reversed(plan.shards))
+    running: dict[PrefectFuture[ShardReceipt], ShardPlan] = {}
+    while waiting or running:
+        while waiting and len(running) < parallelism.workers:
+            shard = waiting.pop()
+            running[merge_one_shard.submit(plan.job, shard, parallelism.threads)] = shard
+        future = next(as_completed(list(running)))
+        yield running.pop(future), future
+
+
 def run_merge(params: MergeParameters) -> MergeSummary:
-    """Run the flow with `params.workers` shard tasks at a time (on PREFECT_API_URL, or an ephemeral server)."""
-    bounded = lora_merge.with_options(task_runner=ThreadPoolTaskRunner(max_workers=params.workers))
-    return bounded(params)
+    """Run the flow (on PREFECT_API_URL, or an ephemeral server)."""
+    return lora_merge(params)

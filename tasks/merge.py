@@ -50,9 +50,9 @@ def plan_merge(params: MergeParameters) -> MergePlan:
     retry_delay_seconds=5,
     retry_condition_fn=_transient,
 )
-def merge_one_shard(job: MergeJob, shard: ShardPlan) -> ShardReceipt:
+def merge_one_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
     """Merge one shard, or take its receipt from the output's own record when an earlier run committed it."""
-    return merge_or_resume_shard(job, shard)
+    return merge_or_resume_shard(job, shard, threads)
 
 
 @task(name="consolidate", task_run_name="consolidate", cache_policy=NO_CACHE)

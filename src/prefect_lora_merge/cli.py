@@ -65,7 +65,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="merge through the Prefect flow")
     inputs(run, output_help="where the merged checkpoint goes")
-    run.add_argument("--workers", type=_positive, default=2, help="shards merged at once (default: 2)")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        help="shards merged at once (default: as many as the CPUs, the shards and --max-memory allow)",
+    )
+    run.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory the shard merges may use together, like 16GiB (default: 80%% of what is available)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
     run.add_argument("--break-lock", action="store_true", help="take the output's lease from a run that is dead")
     run.add_argument(
@@ -98,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a tiny model and adapter, merge them through the flow, check vs PEFT")
     demo.add_argument("--workdir", default="demo-output", help="where the demo's files go (default: ./demo-output)")
-    demo.add_argument("--workers", type=_positive, default=2)
+    demo.add_argument("--workers", type=_positive)
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
     demo.set_defaults(handler=_demo)
     return parser
@@ -146,6 +155,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         output=args.output,
         device=args.device,
         workers=args.workers,
+        max_memory=args.max_memory,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
         output_dtype=args.output_dtype,
@@ -166,7 +176,8 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         )
         print(
             f"merged {summary.shards} shard(s){resumed}, {summary.tensors_touched} tensor(s) changed, "
-            f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output}"
+            f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output} "
+            f"({summary.workers} shard(s) at once, {summary.compute_threads} compute thread(s) each)"
         )
         merging = max(summary.seconds - summary.validation_seconds, 1e-9)
         print(

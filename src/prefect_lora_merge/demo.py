@@ -61,7 +61,7 @@ def peft_max_difference(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> 
     )
 
 
-def run_demo(workdir: str | Path, *, workers: int = 2) -> str:
+def run_demo(workdir: str | Path, *, workers: int | None = None) -> str:
     import warnings
 
     import transformers

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from .errors import LoraMergeError
+from .resources import parse_size
+
 
 class MergeParameters(BaseModel):
     """What to merge into what, and how. Storage credentials belong in the environment, not here: these
@@ -15,7 +18,17 @@ class MergeParameters(BaseModel):
     adapter: str = Field(description="PEFT LoRA adapter directory or URI (adapter_config.json + weights).")
     output: str = Field(description="Where the merged checkpoint goes; never inside the base or adapter.")
     device: str = Field("auto", description="auto, cpu or cuda[:N]: where touched tensors are computed.")
-    workers: int = Field(2, ge=1, le=256, description="Shards merged at the same time.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Shards merged at the same time; empty: as many as the CPUs, the shards and max_memory allow.",
+    )
+    max_memory: str | None = Field(
+        None,
+        description="Memory the shard merges may use together, like 16GiB (default: 80% of what is available when "
+        "the merge starts); sets how many shards run at once from the plan's per-shard estimate.",
+    )
     overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
     break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
     output_dtype: Literal["auto", "bf16", "fp8"] = Field(
@@ -33,6 +46,16 @@ class MergeParameters(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
     )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_size(value, "max_memory")
+            except LoraMergeError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("device")
     @classmethod

@@ -15,6 +15,7 @@ from .errors import ValidationFailed
 from .lease import output_lease
 from .merge import merge_or_resume_shard
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
+from .resources import choose_parallelism, parse_size
 from .state import ShardReceipt, claim_output
 from .validate import ValidationReport, validate_output
 
@@ -37,7 +38,10 @@ def merge_checkpoint(
     break_lock: bool = False,
     output_dtype: OutputDtype = "auto",
     fp8_min_cosine: float | None = None,
+    max_memory: int | str | None = None,
 ) -> MergeResult:
+    """The whole merge in this process, one shard after another (the Prefect flow runs shards in parallel)."""
+    budget = None if max_memory is None else parse_size(max_memory)
     plan = make_plan(
         base,
         adapter,
@@ -47,9 +51,10 @@ def merge_checkpoint(
         output_dtype=output_dtype,
         fp8_min_cosine=fp8_min_cosine,
     )
+    threads = choose_parallelism(plan.estimated_peak_bytes, 1, workers=1, max_memory=budget).threads
     with output_lease(plan.job.output, break_lock=break_lock):
         claim_output(plan, overwrite=overwrite)
-        receipts = [merge_or_resume_shard(plan.job, shard) for shard in plan.shards]
+        receipts = [merge_or_resume_shard(plan.job, shard, threads) for shard in plan.shards]
         manifest = consolidate(plan, receipts)
         report, published = finish_validation(plan, manifest)
     return MergeResult(plan=plan, receipts=receipts, manifest=published, report=report)

@@ -1,0 +1,104 @@
+"""How many shards one machine merges at once, and with how many compute threads each, from the plan's memory
+estimate, a memory budget and the CPU count."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import LoraMergeError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int, option: str = "--max-memory") -> int:
+    """Bytes from '24GiB', '500MB', '1.5TB' or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise LoraMergeError(f"{option} {text!r} is not a size: write it like 16GiB, 500MB or 2000000000")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int:
+    """Memory this machine can give a merge now: MemAvailable on Linux (free plus reclaimable page cache), else
+    half the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def human(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    workers: int  # shards merged at once
+    threads: int  # compute threads per shard (torch intra-op threads)
+    memory_budget: int  # bytes the shard workers may use together
+    reason: str  # one line for the log: how the numbers were chosen
+
+    @property
+    def threads_total(self) -> int:
+        return self.workers * self.threads
+
+
+def choose_parallelism(
+    peak_per_shard: int,
+    shards_to_do: int,
+    *,
+    workers: int | None = None,
+    max_memory: int | None = None,
+    cpus: int | None = None,
+) -> Parallelism:
+    """Shards at once: `workers` when given, else as many as the CPUs, the shards left and the memory budget allow.
+
+    Each shard runs three threads (read, compute, write + hash); the compute thread gets the CPUs the other
+    workers leave, less one for the I/O threads, and at least one: oversubscribed intra-op threads cost ~20% on
+    2 cores (measured). The budget is `max_memory`, or 80% of the memory available now.
+    """
+    cpus = cpus or cpu_count()
+    budget = max_memory if max_memory is not None else available_memory() * 4 // 5
+    if budget < peak_per_shard:
+        raise LoraMergeError(
+            f"one shard's merge needs about {human(peak_per_shard)} (its largest touched tensor in float32 plus "
+            f"read and write buffers), more than the memory budget of {human(budget)}"
+            + (" (--max-memory)" if max_memory is not None else " (80% of the memory available now)")
+            + "; raise --max-memory, free memory, or merge on a larger machine"
+        )
+    fits = budget // max(1, peak_per_shard)
+    if workers is not None:
+        if max_memory is not None and workers > fits:
+            raise LoraMergeError(
+                f"--workers {workers} needs about {human(workers * peak_per_shard)} ({human(peak_per_shard)} per "
+                f"shard), more than --max-memory {human(max_memory)}; use --workers {fits} or fewer, or leave "
+                "--workers out to choose automatically"
+            )
+        chosen, reason = workers, f"--workers {workers}"
+    else:
+        bounds = [(cpus, f"{cpus} CPUs"), (max(1, shards_to_do), f"{shards_to_do} shard(s) to merge")]
+        bounds.append((fits, f"memory: {fits} × {human(peak_per_shard)} fit in {human(budget)}"))
+        chosen, limit = min(bounds, key=lambda bound: bound[0])
+        reason = f"{chosen} at once, bounded by {limit}"
+    threads = max(1, cpus // chosen - 1)
+    return Parallelism(chosen, threads, budget, f"{reason}; {threads} compute thread(s) each")
