@@ -141,12 +141,18 @@ class Dims:
         return 2 * sum(math.prod(s) for _, s in self.tensor_shapes())  # bf16
 
 
-def choose_dims(size_bytes: int) -> Dims:
-    """Pick llama dimensions whose bf16 checkpoint is close to ``size_bytes``."""
+def choose_dims(size_bytes: int, hidden: int | None = None) -> Dims:
+    """Pick llama dimensions whose bf16 checkpoint is close to ``size_bytes``; ``hidden`` fixes the preset (so
+    checkpoints of several sizes share their largest tensor, and differ only in their number of layers)."""
     chosen = PRESETS[0]
     for preset in PRESETS:
         if 2 * 2 * preset[2] * preset[0] <= size_bytes / 4:  # two (vocab, hidden) bf16 matrices
             chosen = preset
+    if hidden is not None:
+        matching = [preset for preset in PRESETS if preset[0] == hidden]
+        if not matching:
+            raise SystemExit(f"--hidden must be one of {[preset[0] for preset in PRESETS]}")
+        chosen = matching[0]
     hidden, inter, vocab = chosen
     heads = hidden // 64
     kv_heads = max(1, heads // 4)  # grouped-query attention, so k/v are not square (as in Llama 2/3, TinyLlama)
@@ -303,6 +309,7 @@ def prepare_fixture(args: argparse.Namespace) -> Fixture:
     """
     params = {
         "size_gb": args.size_gb,
+        "hidden": args.hidden,
         "shard_bytes": parse_size(args.shard_size),
         "multiplier": args.shards_multiplier,
         "targets": args.targets,
@@ -319,9 +326,10 @@ def prepare_fixture(args: argparse.Namespace) -> Fixture:
 
 
 def child_fixture(p: dict[str, Any]) -> dict[str, Any]:
-    dims = choose_dims(int(p["size_gb"] * GB))
+    dims = choose_dims(int(p["size_gb"] * GB), p["hidden"])
     shard_bytes, seed = int(p["shard_bytes"]), int(p["seed"])
-    root = Path(p["workdir"]) / "fixtures" / f"v{FIXTURE_VERSION}-{p['size_gb']:g}gb-seed{seed}"
+    width = f"-h{p['hidden']}" if p["hidden"] else ""
+    root = Path(p["workdir"]) / "fixtures" / f"v{FIXTURE_VERSION}-{p['size_gb']:g}gb{width}-seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
 
     def cached(path: Path, build: Any, what: str) -> None:
@@ -421,7 +429,7 @@ def child_api(p: dict[str, Any]) -> dict[str, Any]:
 
     import_s = time.perf_counter() - t
     steps: dict[str, float] = {}
-    for step in ("make_plan", "prepare_output", "merge_shard", "consolidate", "finish_validation"):
+    for step in ("make_plan", "prepare_output", "merge_or_resume_shard", "consolidate", "finish_validation"):
         fn = getattr(pipeline, step, None)
         if callable(fn):
             setattr(pipeline, step, timed(fn, step, steps))
@@ -569,7 +577,7 @@ def run_leg(leg: str, variant: Variant, fx: Fixture, rnd: int, args: argparse.Na
             "--base", str(variant.base),
             "--adapter", str(fx.adapter),
             "--output", str(out),
-            "--workers", str(args.workers),
+            *(["--workers", str(args.workers)] if args.workers else []),
             "--device", args.device,
             *args.cli_arg,
         ]  # fmt: skip
@@ -870,7 +878,8 @@ def render_report(
         f"- Rounds: {args.repeat} (medians shown), legs interleaved each round: {', '.join(args.order)}; "
         "untimed warm-up read of the inputs and `sync` before every timed run; "
         f"{reruns} attempt(s) disturbed by other processes (> {args.noise_threshold:g} CPUs) were re-run.",
-        f"- Tool: `--mode {args.mode}`, device `{args.device}`, CLI `--workers {args.workers}`.",
+        f"- Tool: `--mode {args.mode}`, device `{args.device}`, CLI "
+        + (f"`--workers {args.workers}`." if args.workers else "workers chosen by the tool (CPUs, shards, memory)."),
         f"- Machine: {env['cpu_count']} CPUs, {env['ram_gib']} GiB RAM, Python {env['python']}, "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
         + ".",
@@ -989,6 +998,9 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=2.0, help="approximate bf16 size of the base checkpoint")
+    p.add_argument(
+        "--hidden", type=int, help="hidden size of the llama (fixes the widths; the layer count then sets the size)"
+    )
     p.add_argument("--shard-size", default="500MB", help="max shard size of the base (transformers units)")
     p.add_argument("--shards-multiplier", type=int, default=1, help="also run the base resharded into ~N× shards")
     p.add_argument("--targets", choices=sorted(TARGETS), default="all-linear", help="LoRA target modules")
@@ -996,7 +1008,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--legs", default="copy,tool,peft", help="comma list of copy, tool, peft (run in this order)")
     p.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
     p.add_argument("--device", default="cpu", help="device for the tool's merge")
-    p.add_argument("--workers", type=int, default=1, help="--workers for the CLI")
+    p.add_argument("--workers", type=int, default=0, help="--workers for the CLI (default: the tool chooses)")
     p.add_argument("--cli", default=shutil.which("lora-merge") or "lora-merge", help="lora-merge executable")
     p.add_argument("--cli-arg", action="append", default=[], help="extra argument for the CLI (repeatable)")
     p.add_argument(
