@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import TILED_FORMS, Update, merges_by_tiles
-from .tiling import TileMerge
+from .tiling import TileMerge, Workspace
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
 
@@ -42,17 +42,17 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
     return weight
 
 
-def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
+def tile_merge(updates: tuple[Update, ...], fetch: Fetch, workspace: Workspace | None = None) -> TileMerge | None:
     """`merged_tensor` one tile of the weight at a time, for plain LoRA deltas (on a linear weight or on one expert's
     slice); None for the others (DoRA's norms span the whole weight).
 
     Each product B @ A is computed whole, by the same call as PEFT's: a tile's `B[rows] @ A[:, cols]` is not always
     the same bits (MKL picks other kernels for a few rows or columns, measured). The scaling, the addition and the
     rounding then run per tile, in cache: no full-size float32 copy of the weight, and one pass over the product
-    instead of three (scale in place, add, read)."""
+    instead of three (scale in place, add, read). With a `workspace`, the products go into its reused buffers."""
     if not merges_by_tiles(updates):
         return None
-    products = [(lora_product(update, fetch), update.scale) for update in updates]
+    products = [(lora_product(u, fetch, workspace=workspace, slot=i), u.scale) for i, u in enumerate(updates)]
 
     def merge(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
         merged: torch.Tensor | None = None
@@ -65,20 +65,33 @@ def tile_merge(updates: tuple[Update, ...], fetch: Fetch) -> TileMerge | None:
     return merge
 
 
-def lora_product(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:
+def lora_product(
+    update: Update,
+    fetch: Fetch,
+    tile: tuple[slice, slice] = WHOLE,
+    *,
+    workspace: Workspace | None = None,
+    slot: int = 0,
+) -> torch.Tensor:
     """B @ A of a linear or per-expert update, before scaling (the scaling is applied per tile, in cache, as a
-    second rounding step exactly like PEFT's `(B @ A) * s`)."""
+    second rounding step exactly like PEFT's `(B @ A) * s`); into the workspace's buffer `slot` when given."""
     A, B = (fetch(k) for k in update.adapter_tensors)
     rows, cols = tile
     if update.form == "linear":
-        return B[rows] @ A[:, cols]
+        return _matmul(B[rows], A[:, cols], workspace, slot)
     assert update.form == "expert" and update.expert is not None and update.rows is not None, update.form
     experts = update.num_experts
     assert experts is not None
     A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
     B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
     start, end = update.rows
-    return B3[start:end, :, update.expert][rows] @ A3[update.expert][:, cols]
+    return _matmul(B3[start:end, :, update.expert][rows], A3[update.expert][:, cols], workspace, slot)
+
+
+def _matmul(left: torch.Tensor, right: torch.Tensor, workspace: Workspace | None, slot: int) -> torch.Tensor:
+    if workspace is None:
+        return left @ right
+    return torch.mm(left, right, out=workspace.take(slot, (left.shape[0], right.shape[1])))
 
 
 def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE) -> torch.Tensor:

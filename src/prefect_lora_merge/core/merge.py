@@ -23,14 +23,15 @@ from typing import BinaryIO
 import torch
 
 from .adapter import read_adapter_tensor
+from .buffers import BufferPool
 from .errors import CheckpointFormatError, LoraMergeError
 from .fp8 import DeltaSurvival, dequantize, requantize
 from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
-from .safetensors_format import encode_header, read_header, tensor_to_bytes, torch_dtype
+from .safetensors_format import encode_header, read_header, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
-from .storage import COPY_CHUNK_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
-from .tiling import TileMerge, tiles
+from .storage import COPY_CHUNK_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
+from .tiling import TileMerge, Workspace, tiles
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,8 +66,9 @@ def keep_large_buffers_off_the_heap() -> None:
 @dataclass
 class _Segment:
     tensor: PlannedTensor | None  # None: raw bytes of untouched tensors
-    data: bytes
-    companion: bytes = b""  # an FP8 weight's scale grid, or a scale grid's weight codes (maybe from another shard)
+    data: memoryview  # pooled: given back once computed on or written
+    size: int  # bytes held, data and companion (counted against the read-ahead budget)
+    companion: memoryview | None = None  # an FP8 weight's scale grid, or a scale grid's weight codes (any shard)
 
 
 def merge_or_resume_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
@@ -115,6 +117,9 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     survivals: list[DeltaSurvival] = []
     adapter_cache: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _fp8_tensor
+    workspace = Workspace(device)
+    pool = BufferPool(POOLED_BYTES)
+    result_bytes = {e.name: e.nbytes for e in shard.output_entries()}
 
     def fetch(key: str) -> torch.Tensor:
         if key not in adapter_cache:
@@ -123,21 +128,26 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
 
     with job.output.atomic_writer(shard.file) as out, _write_behind(out, shard.file) as writer:
         writer.write(header_blob)
-        for segment in _read_ahead(job, shard, header.data_start):
+        for segment in _read_ahead(job, shard, header.data_start, pool):
             if segment.tensor is None:
-                writer.write(segment.data)
+                writer.write(segment.data, give_back=pool)
                 continue
             planned = segment.tensor
+            written_view = pool.take(result_bytes[planned.name])
+            result = _over(written_view, planned.dtype, planned.shape)
             if planned.fp8 is not None:
-                result, survival = _fp8_tensor(planned, segment, fetch, device, kept, threads)
+                survival = _fp8_tensor(planned, segment, fetch, workspace, kept, threads, result)
                 if survival is not None:
                     _check_survival(job, shard, survival)
                     survivals.append(survival)
             else:
-                result = _merge_tensor(planned, segment.data, fetch, device, threads)
-            writer.write(tensor_to_bytes(result))  # the view keeps `result` alive until it is written
+                _merge_tensor(planned, segment.data, fetch, workspace, threads, result)
+            del result  # nothing looks at the pooled buffers any more: they can go back once used
+            pool.give(segment.data)
+            if segment.companion is not None:
+                pool.give(segment.companion)
+            writer.write(written_view, give_back=pool)
             applied += [k for u in planned.updates for k in update_keys(u)]
-            del result
     written = writer.written
     expected = len(header_blob) + sum(e.nbytes for e in shard.output_entries())
     if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently
@@ -206,8 +216,14 @@ def _elementwise_threads(threads: int | None) -> Iterator[None]:
 
 
 def _merge_tensor(
-    planned: PlannedTensor, data: bytes, fetch: Fetch, device: torch.device, threads: int | None
-) -> torch.Tensor:
+    planned: PlannedTensor,
+    data: memoryview,
+    fetch: Fetch,
+    workspace: Workspace,
+    threads: int | None,
+    out: torch.Tensor,
+) -> None:
+    """Merge one tensor's updates into `out` (its bytes in the output shard)."""
     dtype = torch_dtype(planned.dtype)
     base = _from_buffer(data, dtype, planned.base.shape)
     # fp32 arithmetic, as PEFT's merge of an fp32 copy of the model; fp64 tensors keep their precision.
@@ -216,10 +232,13 @@ def _merge_tensor(
     def fetch_compute(key: str) -> torch.Tensor:
         return fetch(key).to(compute)
 
-    merge = tile_merge(planned.updates, fetch_compute)
-    if merge is not None and base.dim() == 2 and planned.shape == planned.base.shape:
+    device = workspace.device
+    tiled = base.dim() == 2 and planned.shape == planned.base.shape
+    merge = tile_merge(planned.updates, fetch_compute, workspace if tiled and compute == torch.float32 else None)
+    if merge is not None and tiled:
         with _elementwise_threads(threads):
-            return _merge_tiles(planned, base, merge, compute, device)
+            _merge_tiles(planned, base, merge, compute, device, out)
+        return
     # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
     weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
@@ -227,25 +246,27 @@ def _merge_tensor(
     merged = merged_tensor(weight, planned.updates, fetch_compute)
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
-    result = merged.to(dtype=dtype).cpu()
+    out.copy_(merged)  # rounds to the output dtype (and comes back from the GPU)
     # Checked after rounding: an fp16 tensor can overflow to Inf only there.
-    if finite_base and not _all_finite(result):
+    if finite_base and not _all_finite(out):
         raise _adapter_broke(planned.name, planned.updates, planned.dtype)
-    return result
 
 
 def _merge_tiles(
-    planned: PlannedTensor, base: torch.Tensor, merge: TileMerge, compute: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A 2-D weight merged a tile at a time (LoRA on a linear weight): convert, add ΔW's tile, round into the output,
+    planned: PlannedTensor,
+    base: torch.Tensor,
+    merge: TileMerge,
+    compute: torch.dtype,
+    device: torch.device,
+    out: torch.Tensor,
+) -> None:
+    """A 2-D weight merged a tile at a time (LoRA on a linear weight): convert, add ΔW's tile, round into `out`,
     with no full-size float32 copy of the weight (ΔW itself is whole, see `tile_merge`). The same bits as the
     whole-tensor path."""
-    result = torch.empty(planned.shape, dtype=base.dtype)
     for rows, cols in tiles(base.shape, device):
-        result[rows, cols] = merge(base[rows, cols].to(device=device, dtype=compute), rows, cols)
-    if not _all_finite(result) and _all_finite(base):  # checked after rounding: fp16 can overflow only there
+        out[rows, cols] = merge(base[rows, cols].to(device=device, dtype=compute), rows, cols)
+    if not _all_finite(out) and _all_finite(base):  # checked after rounding: fp16 can overflow only there
         raise _adapter_broke(planned.name, planned.updates, planned.dtype)
-    return result
 
 
 def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> LoraMergeError:
@@ -256,48 +277,60 @@ def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> LoraMe
     )
 
 
-def _from_buffer(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A read-only tensor over the read buffer: callers copy (convert, dequantize) before modifying anything."""
+def _from_buffer(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over the read buffer: callers copy (convert, dequantize) before modifying anything."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    return flat.reshape(shape)
+        flat = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
+
+
+def _over(view: memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of the output dtype over a pooled buffer, for the merge to write into."""
+    return _from_buffer(view, torch_dtype(dtype), shape)
 
 
 def _fp8_tensor(
     planned: PlannedTensor,
     segment: _Segment,
     fetch: Fetch,
-    device: torch.device,
+    workspace: Workspace,
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]],
     threads: int | None,
-) -> tuple[torch.Tensor, DeltaSurvival | None]:
-    """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight.
+    out: torch.Tensor,
+) -> DeltaSurvival | None:
+    """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight, into `out`;
+    the delta's survival for re-quantized codes.
 
     The delta applies to the dequantized float32 weight (LoRA on FP8 bases is trained on a bf16/fp32 copy), one
     tile at a time where the update allows it. A re-quantization makes codes and scales at once: when the other
     half is stored later in the same shard, it waits in `kept` (by tensor name) instead of being computed again;
     in another shard, that shard's merge computes it from the same inputs."""
     if planned.name in kept:
-        return kept.pop(planned.name)
+        done, survival = kept.pop(planned.name)
+        out.copy_(done)
+        return survival
     role = planned.fp8
     assert role is not None
     weight = role.weight
+    assert segment.companion is not None, "an FP8 weight is read with its other half"
     if role.write == "scales":
         codes_bytes, scale_bytes, updates = segment.companion, segment.data, role.weight_updates
     else:
         codes_bytes, scale_bytes, updates = segment.data, segment.companion, planned.updates
+    device = workspace.device
     codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
     scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
     merge = None
     if updates:
-        merge = tile_merge(updates, fetch) or _whole_merge(codes, scales, weight.block, updates, fetch)
+        merge = tile_merge(updates, fetch, workspace) or _whole_merge(codes, scales, weight.block, updates, fetch)
     if role.write == "dequantized":
         with _elementwise_threads(threads):
             result = dequantize(codes, scales, weight.block, torch.bfloat16, merge)
         if not _all_finite(result):  # bf16 has fp32's range: only NaN/Inf in the base or the adapter end up here
             raise _not_finite(planned, codes, scales, updates)
-        return result.cpu(), None
+        out.copy_(result)
+        return None
     assert merge is not None, "only touched weights are re-quantized"
     with _elementwise_threads(threads):
         new_codes, new_scales, survival = requantize(
@@ -310,7 +343,8 @@ def _fp8_tensor(
     if weight.codes.file == weight.scales.file:
         other_name = weight.codes.entry.name if role.write == "scales" else weight.scales.entry.name
         kept[other_name] = other
-    return mine
+    out.copy_(mine[0])
+    return mine[1]
 
 
 def _whole_merge(
@@ -387,7 +421,7 @@ def _chunks(begin: int, end: int) -> Iterator[tuple[None, int, int]]:
         yield None, start, min(end, start + COPY_CHUNK_BYTES)
 
 
-def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_Segment]:
+def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int, pool: BufferPool) -> Iterator[_Segment]:
     """Segments read by a background thread while the consumer computes and writes earlier ones.
 
     At most READ_AHEAD_BYTES are held ahead of the consumer; a segment larger than that is read only when nothing
@@ -412,9 +446,13 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_S
                     if stop.is_set():
                         return
                     in_flight += size
-                data = job.base.read_bytes(shard.file, data_start + begin, data_start + end)
-                extra = job.base.read_bytes(companion.file, *companion.span) if companion else b""
-                items.put(_Segment(tensor=tensor, data=data, companion=extra))
+                data = pool.take(end - begin)
+                job.base.read_into(shard.file, data_start + begin, data)
+                extra = None
+                if companion is not None:
+                    extra = pool.take(companion.entry.nbytes)
+                    job.base.read_into(companion.file, companion.span[0], extra)
+                items.put(_Segment(tensor=tensor, data=data, size=size, companion=extra))
             items.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it in the task's own thread
             items.put(exc)
@@ -430,7 +468,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int) -> Iterator[_S
                 raise item
             yield item  # the consumer computes and writes this segment before asking for the next
             with changed:
-                in_flight -= len(item.data) + len(item.companion)
+                in_flight -= item.size
                 changed.notify_all()
     finally:
         with changed:
@@ -449,7 +487,7 @@ class _WriteBehind:
         self.digest = hashlib.sha256()
         self.written = 0
         self._out = out
-        self._waiting: deque[bytes | memoryview] = deque()
+        self._waiting: deque[tuple[bytes | memoryview, BufferPool | None]] = deque()
         self._waiting_bytes = 0
         self._closed = False
         self._error: BaseException | None = None
@@ -457,7 +495,8 @@ class _WriteBehind:
         self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
         self._thread.start()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, give_back: BufferPool | None = None) -> None:
+        """Queue `data` to be written and hashed; then hand its buffer back to `give_back`, if given."""
         size = len(data)
         with self._changed:
             self._changed.wait_for(
@@ -465,7 +504,7 @@ class _WriteBehind:
             )
             if self._error is not None:
                 raise self._error
-            self._waiting.append(data)
+            self._waiting.append((data, give_back))
             self._waiting_bytes += size
             self._changed.notify_all()
 
@@ -486,7 +525,8 @@ class _WriteBehind:
                 self._changed.wait_for(lambda: self._waiting or self._closed)
                 if not self._waiting:
                     return
-                data = self._waiting[0]
+                data, give_back = self._waiting[0]
+            size = len(data)
             try:  # file writes and sha256 release the GIL: this overlaps the merge's compute
                 self._out.write(data)
                 self.digest.update(data)
@@ -499,9 +539,12 @@ class _WriteBehind:
             with self._changed:
                 if self._waiting:  # not cleared by a discarding close meanwhile
                     self._waiting.popleft()
-                    self._waiting_bytes -= len(data)
-                self.written += len(data)
+                    self._waiting_bytes -= size
+                self.written += size
                 self._changed.notify_all()
+            if give_back is not None and isinstance(data, memoryview):
+                give_back.give(data)
+            del data
 
 
 @contextmanager

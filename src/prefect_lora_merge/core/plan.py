@@ -21,7 +21,7 @@ from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_in
 from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
 from .fp8 import scale_grid_shape
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
-from .storage import READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
+from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
 # Bump whenever the bytes a merge writes for the same inputs could change: it is part of the plan fingerprint.
 ALGORITHM_VERSION = "1"
@@ -215,8 +215,9 @@ class ShardPlan(BaseModel):
 
     def peak_bytes(self, adapter: AdapterIndex) -> int:
         """Working memory of this shard's merge: what the reader holds (its budget, or one larger tensor alone),
-        what the writer holds (likewise), and the largest computed tensor's float32 temporaries with its adapter
-        tensors: the product B @ A for a tiled merge, three full copies otherwise, four for a re-quantization."""
+        what the writer holds (likewise), the free buffers kept for reuse, and the largest computed tensor's
+        float32 temporaries with its adapter tensors: the product B @ A for a tiled merge, three full copies
+        otherwise, four for a re-quantization."""
         work = largest_read = largest_result = 0
         written = {e.name: e.nbytes for e in self.output_entries()}
         for t in self.tensors:
@@ -234,7 +235,8 @@ class ShardPlan(BaseModel):
                 largest_read = max(largest_read, t.base.nbytes)
             work = max(work, copies * math.prod(shape) * 4 + adapter_bytes)
             largest_result = max(largest_result, written.get(t.name, 0))
-        return work + max(READ_AHEAD_BYTES, largest_read) + max(WRITE_BEHIND_BYTES, largest_result)
+        buffers = max(READ_AHEAD_BYTES, largest_read) + max(WRITE_BEHIND_BYTES, largest_result) + POOLED_BYTES
+        return work + buffers
 
 
 TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time
@@ -286,7 +288,10 @@ class MergePlan(BaseModel):
 
     @property
     def estimated_peak_bytes(self) -> int:
-        return max((s.peak_bytes(self.job.adapter) for s in self.shards), default=READ_AHEAD_BYTES + WRITE_BEHIND_BYTES)
+        return max(
+            (s.peak_bytes(self.job.adapter) for s in self.shards),
+            default=READ_AHEAD_BYTES + WRITE_BEHIND_BYTES + POOLED_BYTES,
+        )
 
     def summary(self) -> dict[str, Any]:
         return {

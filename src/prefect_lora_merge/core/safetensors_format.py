@@ -207,8 +207,3 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: str, shape: tuple[int, ...
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     return torch.frombuffer(buffer, dtype=torch_dtype(dtype)).reshape(shape)
 
-
-def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
-    """Raw little-endian bytes of a tensor, without a copy when it is already contiguous on the CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())

@@ -120,8 +120,11 @@ def _check_files(output: Location, manifest: Manifest, failures: list[str], chec
         if actual != size:
             return f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)", None
         digest = hashlib.sha256()
+        buffer = memoryview(bytearray(min(size, COPY_CHUNK_BYTES)))  # one per file, reused chunk after chunk
         for start in range(0, size, COPY_CHUNK_BYTES):
-            digest.update(output.read_bytes(name, start, min(size, start + COPY_CHUNK_BYTES)))
+            chunk = buffer[: min(size, start + COPY_CHUNK_BYTES) - start]
+            output.read_into(name, start, chunk)
+            digest.update(chunk)
         if sha is None:  # a server-side copy: hashed here, for the first time
             return None, digest.hexdigest()
         if digest.hexdigest() != sha:

@@ -1,0 +1,48 @@
+"""Byte buffers reused within a shard merge, for what is read and what is written.
+
+A fresh buffer of 4 MiB or more comes from its own mmap (see `merge.keep_large_buffers_off_the_heap`) and is
+page-faulted in and handed back on every use: measured on this project's 2-CPU VM, reading 2 GB into fresh buffers
+costs 1.18 s of kernel time against 0.37 s into one reused buffer, and reading and writing it 5.6 s against 1.5 s.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class BufferPool:
+    """Buffers handed out by size and given back when their bytes are no longer needed (read, computed on,
+    written). It keeps at most `keep_bytes` of free buffers, dropping the smallest first."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self._keep = keep_bytes
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> memoryview:
+        """A writable view of exactly `size` bytes (its contents are whatever was there before)."""
+        with self._lock:
+            fitting = [b for b in self._free if len(b) >= size]
+            if fitting:
+                buffer = min(fitting, key=len)
+                self._free.remove(buffer)
+                return memoryview(buffer)[:size]
+        return memoryview(bytearray(size))
+
+    def give(self, view: memoryview) -> None:
+        """Return the buffer behind `view`: nothing may use a view of it afterwards."""
+        buffer = view.obj
+        assert isinstance(buffer, bytearray), "only views from take() come back"
+        try:
+            view.release()
+        except BufferError:  # a tensor still looks at it: leave it to the garbage collector, never reuse it
+            return
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=len, reverse=True)
+            total = 0
+            for i, kept in enumerate(self._free):
+                total += len(kept)
+                if total > self._keep:
+                    del self._free[i:]
+                    break
