@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_lora_merge.core.errors import OutputLocationError
+from prefect_lora_merge.core.buffers import BufferPool
+from prefect_lora_merge.core.errors import OutputLocationError, StorageError
 from prefect_lora_merge.core.storage import Location, refuse_output_inside_inputs
 
 
@@ -49,3 +50,30 @@ def test_symlinked_output_into_the_base_is_refused(tmp_path):
     base, adapter = Location.parse(str(tmp_path / "base")), Location.parse(str(tmp_path / "adapter"))
     with pytest.raises(OutputLocationError):
         refuse_output_inside_inputs(Location.parse(str(tmp_path / "link" / "out")), base=base, adapter=adapter)
+
+
+@pytest.mark.parametrize("uri", ["local", "memory://lora-merge-test/read-into"])
+def test_reading_into_a_buffer_gives_the_same_bytes_and_refuses_a_short_file(uri, tmp_path):
+    location = Location.parse(str(tmp_path / "in") if uri == "local" else uri)
+    location.write_bytes("f", bytes(range(256)) * 100)
+    buffer = memoryview(bytearray(1000))
+    location.read_into("f", 300, buffer)
+    assert bytes(buffer) == location.read_bytes("f", 300, 1300)
+    with pytest.raises(StorageError, match=r"asked for bytes 25000\.\.26000 and got .*shorter than its header says"):
+        location.read_into("f", 25_000, buffer)
+
+
+def test_pooled_buffers_are_reused_smallest_fitting_first_and_the_largest_kept():
+    pool = BufferPool(keep_bytes=1 << 20)
+    first = pool.take(1000)
+    first_buffer = first.obj
+    pool.give(first)
+    with pytest.raises(ValueError, match="released"):
+        first[0]  # the view handed back is dead: nothing can write through it any more
+    again = pool.take(800)
+    assert again.obj is first_buffer and len(again) == 800, "the smallest free buffer that fits is reused"
+    assert pool.take(800).obj is not first_buffer, "a buffer is handed out once until it comes back"
+    pool.give(again)
+    pool.give(pool.take(2 << 20))  # more than the pool keeps: dropped, the small one stays
+    assert pool.take(10).obj is first_buffer
+    assert len(pool.take(1500).obj) == 1500

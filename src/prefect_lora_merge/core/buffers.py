@@ -12,7 +12,7 @@ import threading
 
 class BufferPool:
     """Buffers handed out by size and given back when their bytes are no longer needed (read, computed on,
-    written). It keeps at most `keep_bytes` of free buffers, dropping the smallest first."""
+    written). It keeps at most `keep_bytes` of free buffers, the largest that fit (they serve any request)."""
 
     def __init__(self, keep_bytes: int) -> None:
         self._keep = keep_bytes
@@ -30,7 +30,8 @@ class BufferPool:
         return memoryview(bytearray(size))
 
     def give(self, view: memoryview) -> None:
-        """Return the buffer behind `view`: nothing may use a view of it afterwards."""
+        """Return the buffer behind `view`. The caller must hold nothing over it any more: `view` is released here,
+        but a tensor made with `torch.frombuffer` does not pin the buffer and would see the next user's bytes."""
         buffer = view.obj
         assert isinstance(buffer, bytearray), "only views from take() come back"
         try:
@@ -38,11 +39,9 @@ class BufferPool:
         except BufferError:  # a tensor still looks at it: leave it to the garbage collector, never reuse it
             return
         with self._lock:
-            self._free.append(buffer)
-            self._free.sort(key=len, reverse=True)
-            total = 0
-            for i, kept in enumerate(self._free):
-                total += len(kept)
-                if total > self._keep:
-                    del self._free[i:]
-                    break
+            kept, total = [], 0
+            for free in sorted([*self._free, buffer], key=len, reverse=True):
+                if total + len(free) <= self._keep:
+                    kept.append(free)
+                    total += len(free)
+            self._free = kept

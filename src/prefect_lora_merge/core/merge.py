@@ -30,7 +30,7 @@ from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .safetensors_format import encode_header, read_header, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
-from .storage import COPY_CHUNK_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
+from .storage import PIECE_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
 from .tiling import TileMerge, Workspace, tiles
 
 
@@ -390,7 +390,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int]]:
-    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to COPY_CHUNK_BYTES; dropped
+    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to PIECE_BYTES; dropped
     tensors are not read."""
     run_begin: int | None = None
     run_end = 0
@@ -417,8 +417,8 @@ def _companion(tensor: PlannedTensor | None) -> TensorRef | None:
 
 
 def _chunks(begin: int, end: int) -> Iterator[tuple[None, int, int]]:
-    for start in range(begin, end, COPY_CHUNK_BYTES):
-        yield None, start, min(end, start + COPY_CHUNK_BYTES)
+    for start in range(begin, end, PIECE_BYTES):
+        yield None, start, min(end, start + PIECE_BYTES)
 
 
 def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int, pool: BufferPool) -> Iterator[_Segment]:

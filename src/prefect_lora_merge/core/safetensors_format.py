@@ -206,4 +206,3 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: str, shape: tuple[int, ...
         return torch.empty(shape, dtype=torch_dtype(dtype))
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     return torch.frombuffer(buffer, dtype=torch_dtype(dtype)).reshape(shape)
-
