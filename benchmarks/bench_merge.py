@@ -389,6 +389,22 @@ def child_copy(p: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def child_verified(p: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose result is checked: the plain copy, then every output file read back for its sha256 (``cp`` and
+    ``sha256sum``). The merge writes and proves its output the same way, so this is the floor it competes with."""
+    import hashlib
+
+    child_copy(p)
+    out = Path(p["output"])
+    buffer = memoryview(bytearray(16 * 2**20))
+    for f in sorted(out.iterdir()):
+        digest = hashlib.sha256()
+        with open(f, "rb") as handle:
+            while n := handle.readinto(buffer):
+                digest.update(buffer[:n])
+    return {}
+
+
 def child_peft(p: dict[str, Any]) -> dict[str, Any]:
     """The reference recipe, phase by phase (the parent times the whole process; phases are for the notes)."""
     phases: dict[str, float] = {}
@@ -456,6 +472,7 @@ def timed(fn: Any, name: str, acc: dict[str, float]) -> Any:
 
 CHILDREN: dict[str, Any] = {
     "copy": child_copy,
+    "verified": child_verified,
     "peft": child_peft,
     "api": child_api,
     "fixture": lambda p: child_fixture(p),  # helpers, untimed; lambdas because they are defined further down
@@ -560,7 +577,7 @@ def run_leg(leg: str, variant: Variant, fx: Fixture, rnd: int, args: argparse.Na
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    inputs = [variant.base] if leg == "copy" else [variant.base, fx.adapter]
+    inputs = [variant.base] if leg in ("copy", "verified") else [variant.base, fx.adapter]
     params = {
         "base": str(variant.base),
         "adapter": str(fx.adapter),
@@ -756,7 +773,13 @@ def child_compare(p: dict[str, Any]) -> dict[str, Any]:
 # Summary, Markdown table, JSON, chart
 # --------------------------------------------------------------------------------------------------------------
 
-LEG_LABEL = {"copy": "plain copy", "api": "lora-merge (API)", "cli": "lora-merge (CLI)", "peft": "PEFT"}
+LEG_LABEL = {
+    "copy": "plain copy",
+    "verified": "copy + sha256 read-back",
+    "api": "lora-merge (API)",
+    "cli": "lora-merge (CLI)",
+    "peft": "PEFT",
+}
 
 
 def summarize(records: list[RunRecord], variants: list[Variant]) -> list[dict[str, Any]]:
@@ -794,6 +817,7 @@ def summarize(records: list[RunRecord], variants: list[Variant]) -> list[dict[st
             # Ratios only make sense for the tool's rows: copy and PEFT are the references.
             is_tool = leg in ("api", "cli")
             row["time_vs_copy"] = ratio(row, by_leg.get("copy"), "wall_s") if is_tool else None
+            row["time_vs_verified"] = ratio(row, by_leg.get("verified"), "wall_s") if is_tool else None
             row["time_vs_peft"] = ratio(row, by_leg.get("peft"), "wall_s") if is_tool else None
             row["rss_vs_peft"] = ratio(row, by_leg.get("peft"), "peak_rss") if is_tool else None
             rows.append(row)
@@ -813,8 +837,8 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") ->
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| shards | leg | wall s | peak RSS GiB | peak anon GiB | read GB | written GB | GB/s "
-        "| time / copy | time / PEFT | peak RSS / PEFT |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| time / copy | time / verified copy | time / PEFT | peak RSS / PEFT |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -829,6 +853,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {fmt(r['bytes_written'], '.3f', GB)} "
             f"| {fmt(r['throughput_gbps'], '.2f')} "
             f"| {fmt(r['time_vs_copy'], '.2f', suffix='×')} "
+            f"| {fmt(r.get('time_vs_verified'), '.2f', suffix='×')} "
             f"| {fmt(r['time_vs_peft'], '.2f', suffix='×')} "
             f"| {fmt(r['rss_vs_peft'], '.2f', suffix='×')} |"
         )
@@ -1005,7 +1030,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shards-multiplier", type=int, default=1, help="also run the base resharded into ~N× shards")
     p.add_argument("--targets", choices=sorted(TARGETS), default="all-linear", help="LoRA target modules")
     p.add_argument("--mode", choices=["api", "cli", "both"], default="api", help="how to run the tool")
-    p.add_argument("--legs", default="copy,tool,peft", help="comma list of copy, tool, peft (run in this order)")
+    p.add_argument(
+        "--legs", default="copy,verified,tool,peft", help="comma list of copy, verified, tool, peft (in this order)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
     p.add_argument("--device", default="cpu", help="device for the tool's merge")
     p.add_argument("--workers", type=int, default=0, help="--workers for the CLI (default: the tool chooses)")
@@ -1034,8 +1061,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     order: list[str] = []
     for leg in args.legs.split(","):
         leg = leg.strip()
-        if leg not in ("copy", "tool", "peft"):
-            p.error(f"--legs: unknown leg {leg!r} (choose from copy, tool, peft)")
+        if leg not in ("copy", "verified", "tool", "peft"):
+            p.error(f"--legs: unknown leg {leg!r} (choose from copy, verified, tool, peft)")
         order += tool_legs if leg == "tool" else [leg]
     args.order = order
     args.chart_note = ""

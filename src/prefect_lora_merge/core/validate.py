@@ -16,7 +16,7 @@ from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_numbers
 from .safetensors_format import ShardHeader, read_header
-from .storage import COPY_CHUNK_BYTES, Location
+from .storage import PIECE_BYTES, Location
 
 
 class ValidationReport(BaseModel):
@@ -108,6 +108,9 @@ def _index(output: Location, failures: list[str]) -> dict | None:
     return index
 
 
+CHECKSUM_CHUNK_BYTES = 2 * PIECE_BYTES
+
+
 def _check_files(output: Location, manifest: Manifest, failures: list[str], checks: Counter[str]) -> dict[str, str]:
     """Check every file's size and sha256 against the manifest; return the sha256 of those it had none for."""
     present = set(output.list_files())
@@ -120,9 +123,11 @@ def _check_files(output: Location, manifest: Manifest, failures: list[str], chec
         if actual != size:
             return f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)", None
         digest = hashlib.sha256()
-        buffer = memoryview(bytearray(min(size, COPY_CHUNK_BYTES)))  # one per file, reused chunk after chunk
-        for start in range(0, size, COPY_CHUNK_BYTES):
-            chunk = buffer[: min(size, start + COPY_CHUNK_BYTES) - start]
+        # One buffer per file, reused chunk after chunk; small, so the 4 files hashed at once add little to the peak
+        # memory (64 MiB chunks made it grow with the number of shards).
+        buffer = memoryview(bytearray(min(size, CHECKSUM_CHUNK_BYTES)))
+        for start in range(0, size, CHECKSUM_CHUNK_BYTES):
+            chunk = buffer[: min(size, start + CHECKSUM_CHUNK_BYTES) - start]
             output.read_into(name, start, chunk)
             digest.update(chunk)
         if sha is None:  # a server-side copy: hashed here, for the first time
