@@ -995,8 +995,10 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "No chart: matplotlib is not installed (`pip install matplotlib` to get the PNG)."
-    labels = [f"{r['variant']}\n{LEG_LABEL[r['leg']]}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4.5))
+    import textwrap
+
+    labels = [f"{r['variant']}\n{textwrap.fill(LEG_LABEL[r['leg']], 12)}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.0 * len(rows)), 5))
     axes[0].bar(labels, [r["wall_s"] or 0 for r in rows])
     axes[0].set_ylabel("wall time (s, median)")
     axes[1].bar(labels, [(r["peak_rss"] or 0) / GIB for r in rows], label="peak RSS")
