@@ -2,7 +2,8 @@
 
 A shard is a three-stage pipeline: a reader thread runs ahead of the computing thread, and a writer thread, which
 also hashes, runs behind it, each within a byte budget. A shard's time is then close to max(read, compute,
-write + hash) rather than their sum, and memory stays bounded by the largest tensor plus the two budgets.
+write + hash) rather than their sum, and memory stays bounded by the largest tensor plus the budgets. Buffers are
+pooled (core.buffers): what was read or written comes back for the next piece instead of a fresh allocation.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def _merge_tensor(
         with _elementwise_threads(threads):
             _merge_tiles(planned, base, merge, compute, device, out)
         return
-    # A private copy: the merge works on it in place, and the read buffer behind `base` is immutable.
+    # A private copy: the merge works on it in place, and the read buffer behind `base` goes back to the pool.
     weight = base.to(device=device, dtype=compute, copy=True)
     finite_base = _all_finite(weight)
     del base
