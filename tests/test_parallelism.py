@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 
 import pytest
 import torch
 
 from prefect_lora_merge.cli import main
+from prefect_lora_merge.core import lora_math
 from prefect_lora_merge.core import merge as merge_module
 from prefect_lora_merge.core.errors import LoraMergeError, StorageError
 from prefect_lora_merge.core.merge import merge_shard
@@ -54,6 +56,12 @@ def test_a_budget_below_one_shard_is_refused_before_anything_runs():
         choose_parallelism(3 * GIB, 10, max_memory=2 * GIB, cpus=8)
 
 
+def test_without_max_memory_a_shard_larger_than_the_default_budget_runs_alone(monkeypatch):
+    monkeypatch.setattr("prefect_lora_merge.core.resources.available_memory", lambda: 2 * GIB)
+    alone = choose_parallelism(3 * GIB, 10, cpus=8)
+    assert (alone.workers, alone.threads) == (1, 7) and "more than 80% of the memory available now" in alone.reason
+
+
 def test_workers_beyond_the_budget_are_refused_naming_both_options():
     with pytest.raises(LoraMergeError, match=r"--workers 4 needs about 4.00 GiB.*--max-memory 3.00 GiB.*--workers 3"):
         choose_parallelism(GIB, 10, workers=4, max_memory=3 * GIB, cpus=8)
@@ -85,20 +93,32 @@ def test_the_flow_reports_the_shards_it_ran_at_once(llama_case, tmp_path, prefec
 
 
 def test_the_threads_apply_to_the_elementwise_passes_only_and_are_restored(llama_case, tmp_path, monkeypatch):
+    torchs_own = merge_module._torch_threads()  # torch's count when the first shard merge of this process started
     in_tiles: list[int] = []
-    original_tiles = merge_module.tiles
+    in_products: list[int] = []
+    original_tiles, original_product = merge_module.tiles, lora_math.lora_product
 
     def tiles(*args, **kwargs):
         in_tiles.append(torch.get_num_threads())
         return original_tiles(*args, **kwargs)
 
+    def lora_product(*args, **kwargs):
+        in_products.append(torch.get_num_threads())
+        return original_product(*args, **kwargs)
+
     monkeypatch.setattr(merge_module, "tiles", tiles)
-    torch.set_num_threads(2)
+    monkeypatch.setattr(lora_math, "lora_product", lora_product)
     plan = make_plan(str(llama_case.base_dir), str(llama_case.adapter_dir), str(tmp_path / "out"))
-    shard = next(s for s in plan.shards if s.touched)
-    merge_shard(plan.job, shard, threads=1)
+    for shard in [s for s in plan.shards if s.touched][:2]:
+        merge_shard(plan.job, shard, threads=1)
     assert in_tiles and set(in_tiles) == {1}
-    assert torch.get_num_threads() == 2, "products and norms (and the caller) keep torch's own setting"
+    assert in_products and set(in_products) == {torchs_own}, "products run with torch's own count, as PEFT's do"
+    assert torch.get_num_threads() == torchs_own
+    seen_by_a_new_thread: list[int] = []
+    thread = threading.Thread(target=lambda: seen_by_a_new_thread.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen_by_a_new_thread == [torchs_own], "a shard's setting does not leak into threads started later"
 
 
 def test_a_write_failure_in_the_writer_thread_fails_the_shard_and_commits_nothing(llama_case, tmp_path, monkeypatch):

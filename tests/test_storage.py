@@ -77,3 +77,9 @@ def test_pooled_buffers_are_reused_smallest_fitting_first_and_the_largest_kept()
     pool.give(pool.take(2 << 20))  # more than the pool keeps: dropped, the small one stays
     assert pool.take(10).obj is first_buffer
     assert len(pool.take(1500).obj) == 1500
+    big = pool.take(8 << 20)
+    big_buffer = big.obj
+    pool = BufferPool(keep_bytes=16 << 20)
+    pool.give(big)
+    assert pool.take(4096).obj is not big_buffer, "a small piece never holds a buffer the budgets count as small"
+    assert pool.take(5 << 20).obj is big_buffer

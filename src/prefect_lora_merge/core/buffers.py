@@ -20,9 +20,11 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def take(self, size: int) -> memoryview:
-        """A writable view of exactly `size` bytes (its contents are whatever was there before)."""
+        """A writable view of exactly `size` bytes (its contents are whatever was there before). A free buffer is
+        reused only up to twice the size asked (plus 64 KiB), so a small tensor never holds a large buffer that the
+        byte budgets would count as small."""
         with self._lock:
-            fitting = [b for b in self._free if len(b) >= size]
+            fitting = [b for b in self._free if size <= len(b) <= max(2 * size, size + (1 << 16))]
             if fitting:
                 buffer = min(fitting, key=len)
                 self._free.remove(buffer)
@@ -36,7 +38,7 @@ class BufferPool:
         assert isinstance(buffer, bytearray), "only views from take() come back"
         try:
             view.release()
-        except BufferError:  # a tensor still looks at it: leave it to the garbage collector, never reuse it
+        except BufferError:  # another memoryview still exports it: leave it to the garbage collector, never reuse it
             return
         with self._lock:
             kept, total = [], 0

@@ -89,6 +89,8 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     """
     started = time.perf_counter()
     keep_large_buffers_off_the_heap()
+    if threads is not None:
+        torch.set_num_threads(_torch_threads())  # products and norms: torch's own count, whatever another shard set
     device = resolve_device(job.device)
     base = job.base
     header = read_header(base, shard.file)
@@ -200,20 +202,28 @@ def _copy_server_side(job: MergeJob, shard: ShardPlan, started: float) -> ShardR
     return receipt
 
 
+@functools.cache
+def _torch_threads() -> int:
+    """torch's own thread count, as the process had it when the first shard merge started: what products and
+    norms run with (PEFT's merge on this machine uses the same)."""
+    return torch.get_num_threads()
+
+
 @contextmanager
 def _elementwise_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads for the tile passes of the calling thread (OpenMP keeps the setting per thread),
-    restored after. Only elementwise work runs under it: their bits do not depend on the thread count, while a
-    product's or a norm's can (MKL, oneDNN), and those must run as PEFT runs them on this machine."""
+    """torch's intra-op threads for the tile passes, set back to torch's own count after. Only elementwise work runs
+    under it: its bits do not depend on the thread count, while a product's or a norm's can (MKL, oneDNN).
+
+    `torch.set_num_threads` also changes the default that threads starting their first torch call pick up, so
+    every shard merge sets torch's own count again before its products (`merge_shard`)."""
     if threads is None:
         yield
         return
-    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(_torch_threads())
 
 
 def _merge_tensor(
@@ -543,8 +553,15 @@ class _WriteBehind:
                     self._waiting_bytes -= size
                 self.written += size
                 self._changed.notify_all()
-            if give_back is not None and isinstance(data, memoryview):
-                give_back.give(data)
+            try:
+                if give_back is not None and isinstance(data, memoryview):
+                    give_back.give(data)
+            except BaseException as exc:  # never leave the producer waiting on a dead thread
+                with self._changed:
+                    self._error = exc
+                    self._waiting.clear()
+                    self._changed.notify_all()
+                return
             del data
 
 

@@ -216,9 +216,9 @@ class ShardPlan(BaseModel):
     def peak_bytes(self, adapter: AdapterIndex) -> int:
         """Working memory of this shard's merge: what the reader holds (its budget, or one larger tensor alone),
         what the writer holds (likewise), the free buffers kept for reuse, and the largest computed tensor's
-        float32 temporaries with its adapter tensors: the product B @ A for a tiled merge, three full copies
-        otherwise, four for a re-quantization."""
-        work = largest_read = largest_result = 0
+        float32 temporaries with its adapter tensors: three full copies for a whole-tensor merge, four for a
+        re-quantization, on top of the largest products B @ A of tiled merges, which the workspace keeps."""
+        products = work = largest_read = largest_result = 0
         written = {e.name: e.nbytes for e in self.output_entries()}
         for t in self.tensors:
             if not t.computed:
@@ -226,17 +226,20 @@ class ShardPlan(BaseModel):
             updates = t.updates or (t.fp8.weight_updates if t.fp8 else ())
             adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
             shape = t.fp8.weight.codes.entry.shape if t.fp8 else t.shape
+            values = math.prod(shape) * 4
+            if merges_by_tiles(updates) and len(shape) == 2:
+                products = max(products, len(updates) * values)  # the workspace keeps them for the whole shard
             if t.fp8 is not None:
                 copies = 4 if t.fp8.write in ("codes", "scales") else 3
                 companion = t.fp8.weight.codes if t.fp8.write == "scales" else t.fp8.weight.scales
                 largest_read = max(largest_read, t.base.nbytes + companion.entry.nbytes)
             else:
-                copies = 1 if merges_by_tiles(t.updates) and len(shape) == 2 else 3
+                copies = 0 if merges_by_tiles(t.updates) and len(shape) == 2 else 3
                 largest_read = max(largest_read, t.base.nbytes)
-            work = max(work, copies * math.prod(shape) * 4 + adapter_bytes)
+            work = max(work, copies * values + adapter_bytes)
             largest_result = max(largest_result, written.get(t.name, 0))
         buffers = max(READ_AHEAD_BYTES, largest_read) + max(WRITE_BEHIND_BYTES, largest_result) + POOLED_BYTES
-        return work + buffers
+        return products + work + buffers
 
 
 TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time

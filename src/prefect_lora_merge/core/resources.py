@@ -75,18 +75,28 @@ def choose_parallelism(
 
     Each shard runs three threads (read, compute, write + hash); the compute thread gets the CPUs the other
     workers leave, less one for the I/O threads, and at least one: oversubscribed intra-op threads cost ~20% on
-    2 cores (measured). The budget is `max_memory`, or 80% of the memory available now.
+    2 cores (measured). The budget is `max_memory`, or 80% of the memory available now. A shard larger than an
+    explicit `max_memory` is refused; larger than the default budget, it runs alone (the estimate is an upper bound,
+    and the memory available now is not all the machine can give).
     """
     cpus = cpus or cpu_count()
     budget = max_memory if max_memory is not None else available_memory() * 4 // 5
-    if budget < peak_per_shard:
+    if budget < peak_per_shard and max_memory is not None:
         raise LoraMergeError(
             f"one shard's merge needs about {human(peak_per_shard)} (its largest touched tensor in float32 plus "
-            f"read and write buffers), more than the memory budget of {human(budget)}"
-            + (" (--max-memory)" if max_memory is not None else " (80% of the memory available now)")
-            + "; raise --max-memory, free memory, or merge on a larger machine"
+            f"read and write buffers), more than the memory budget of {human(budget)} (--max-memory); raise "
+            "--max-memory, or merge on a larger machine"
         )
-    fits = budget // max(1, peak_per_shard)
+    if budget < peak_per_shard and workers is None:
+        threads = max(1, cpus - 1)
+        return Parallelism(
+            1,
+            threads,
+            budget,
+            f"1 at once: one shard needs about {human(peak_per_shard)}, more than 80% of the memory available now "
+            f"({human(budget)}); {threads} compute thread(s)",
+        )
+    fits = max(1, budget // max(1, peak_per_shard))
     if workers is not None:
         if max_memory is not None and workers > fits:
             raise LoraMergeError(
