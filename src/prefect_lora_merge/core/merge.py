@@ -121,7 +121,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     adapter_cache: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _fp8_tensor
     workspace = Workspace(device)
-    pool = BufferPool(POOLED_BYTES)
+    pool = BufferPool(POOLED_BYTES, piece=PIECE_BYTES)
     result_bytes = {e.name: e.nbytes for e in shard.output_entries()}
 
     def fetch(key: str) -> torch.Tensor:

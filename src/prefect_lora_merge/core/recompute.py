@@ -59,15 +59,20 @@ class TensorNumbers(BaseModel):
 def check_numbers(
     plan: MergePlan, headers: dict[str, ShardHeader], failures: list[str], checks: dict[str, int]
 ) -> list[TensorNumbers]:
-    """Recompute every computed tensor's sampled rows and byte-compare samples of the copied ones, shard by shard."""
-    adapter_cache: dict[str, torch.Tensor] = {}
+    """Recompute every computed tensor's sampled rows and byte-compare samples of the copied ones, shard by shard.
 
-    def fetch(key: str) -> torch.Tensor:
-        if key not in adapter_cache:
-            adapter_cache[key] = read_adapter_tensor(plan.job.adapter, key).to(torch.float64)
-        return adapter_cache[key]
+    The adapter's tensors are cached per shard, as the merge caches them: a whole adapter in float64 would make
+    validation's memory grow with the model (measured: +0.07 GiB for a 44 MB adapter; a 671B all-linear adapter is
+    tens of GB)."""
 
     def shard_job(shard: ShardPlan) -> tuple[list[TensorNumbers], list[str], int, int]:
+        adapter_cache: dict[str, torch.Tensor] = {}
+
+        def fetch(key: str) -> torch.Tensor:
+            if key not in adapter_cache:
+                adapter_cache[key] = read_adapter_tensor(plan.job.adapter, key).to(torch.float64)
+            return adapter_cache[key]
+
         header = headers[shard.file]
         found, problems, computed = [], [], 0
         written = header.by_name()
