@@ -75,17 +75,24 @@ def lora_product(
 ) -> torch.Tensor:
     """B @ A of a linear or per-expert update, before scaling (the scaling is applied per tile, in cache, as a
     second rounding step exactly like PEFT's `(B @ A) * s`); into the workspace's buffer `slot` when given."""
-    A, B = (fetch(k) for k in update.adapter_tensors)
     rows, cols = tile
     if update.form == "linear":
+        A, B = (fetch(k) for k in update.adapter_tensors)
         return _matmul(B[rows], A[:, cols], workspace, slot)
     assert update.form == "expert" and update.expert is not None and update.rows is not None, update.form
-    experts = update.num_experts
-    assert experts is not None
-    A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
-    B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
+    A3, B3 = expert_factors(update, fetch)
     start, end = update.rows
     return _matmul(B3[start:end, :, update.expert][rows], A3[update.expert][:, cols], workspace, slot)
+
+
+def expert_factors(update: Update, fetch: Fetch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused-experts update's A and B with the expert as an axis: A3 (E, r, in), B3 (out, r, E)."""
+    A, B = (fetch(k) for k in update.adapter_tensors)
+    experts = update.num_experts
+    assert experts is not None
+    A3 = A.reshape(experts, -1, A.shape[-1])  # expert e owns a block of A's rows
+    B3 = B.reshape(B.shape[0], -1, experts)  # expert e owns every E-th column of B
+    return A3, B3
 
 
 def _matmul(left: torch.Tensor, right: torch.Tensor, workspace: Workspace | None, slot: int) -> torch.Tensor:
@@ -112,11 +119,8 @@ def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE
             return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3).mul_(s)
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
         return conv(A.transpose(0, 1), B).transpose(0, 1).mul_(s)
-    experts = update.num_experts
-    assert experts is not None
-    A3 = A.reshape(experts, -1, A.shape[-1])  # (E, r, in): expert e owns a block of A's rows
-    B3 = B.reshape(B.shape[0], -1, experts)  # (out, r, E): expert e owns every E-th column of B
     assert update.form == "experts", update.form
+    A3, B3 = expert_factors(update, fetch)
     pattern = "o r e, e r i -> e o i" if update.experts_layout == "eoi" else "o r e, e r i -> e i o"
     return torch.einsum(pattern, B3, A3).mul_(s)
 

@@ -14,7 +14,6 @@ import hashlib
 import queue
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -288,11 +287,10 @@ def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> LoraMe
     )
 
 
-def _from_buffer(data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over the read buffer: callers copy (convert, dequantize) before modifying anything."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        flat = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+def _from_buffer(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over a pooled buffer (no copy): read ones are copied (converted, dequantized) before anything is
+    modified, since they go back to the pool."""
+    flat = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)
 
 
@@ -541,22 +539,15 @@ class _WriteBehind:
             try:  # file writes and sha256 release the GIL: this overlaps the merge's compute
                 self._out.write(data)
                 self.digest.update(data)
-            except BaseException as exc:
                 with self._changed:
-                    self._error = exc
-                    self._waiting.clear()
+                    if self._waiting:  # not cleared by a discarding close meanwhile
+                        self._waiting.popleft()
+                        self._waiting_bytes -= size
+                    self.written += size
                     self._changed.notify_all()
-                return
-            with self._changed:
-                if self._waiting:  # not cleared by a discarding close meanwhile
-                    self._waiting.popleft()
-                    self._waiting_bytes -= size
-                self.written += size
-                self._changed.notify_all()
-            try:
-                if give_back is not None and isinstance(data, memoryview):
+                if give_back is not None:
                     give_back.give(data)
-            except BaseException as exc:  # never leave the producer waiting on a dead thread
+            except BaseException as exc:  # recorded, so the producer never waits on a dead thread
                 with self._changed:
                     self._error = exc
                     self._waiting.clear()

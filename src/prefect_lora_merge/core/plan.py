@@ -227,14 +227,15 @@ class ShardPlan(BaseModel):
             adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
             shape = t.fp8.weight.codes.entry.shape if t.fp8 else t.shape
             values = math.prod(shape) * 4
-            if merges_by_tiles(updates) and len(shape) == 2:
+            tiled = merges_by_tiles(updates) and len(shape) == 2
+            if tiled:
                 products = max(products, len(updates) * values)  # the workspace keeps them for the whole shard
             if t.fp8 is not None:
                 copies = 4 if t.fp8.write in ("codes", "scales") else 3
                 companion = t.fp8.weight.codes if t.fp8.write == "scales" else t.fp8.weight.scales
                 largest_read = max(largest_read, t.base.nbytes + companion.entry.nbytes)
             else:
-                copies = 0 if merges_by_tiles(t.updates) and len(shape) == 2 else 3
+                copies = 0 if tiled else 3
                 largest_read = max(largest_read, t.base.nbytes)
             work = max(work, copies * values + adapter_bytes)
             largest_result = max(largest_result, written.get(t.name, 0))

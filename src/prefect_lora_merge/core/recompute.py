@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
 from .fp8 import grid_span, quantize
-from .lora_math import delta_weight, dora_rescale
-from .plan import MergePlan, PlannedTensor, ShardPlan, Update
+from .lora_math import delta_weight, dora_rescale, expert_factors
+from .plan import TILED_FORMS, MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
 from .storage import Location
 
@@ -292,16 +292,13 @@ def _delta_rows(update: Update, rows: slice, shape: tuple[int, ...], fetch: Fetc
     """ΔW of a run of rows in float64, without the rest of the tensor where the form allows it."""
     s = update.scale
     cols = shape[-1] if len(shape) > 1 else max(1, math.prod(shape))
-    if update.form in ("linear", "expert"):
+    if update.form in TILED_FORMS:
         return delta_weight(update, fetch, (rows, slice(None)))
     if update.form in ("linear_t", "embedding"):
         A, B = (fetch(k) for k in update.adapter_tensors)
         return (B @ A[:, rows]).T * s
     if update.form == "experts" and len(shape) == 3:
-        A, B = (fetch(k) for k in update.adapter_tensors)
-        experts = update.num_experts
-        assert experts is not None
-        A3, B3 = A.reshape(experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, experts)
+        A3, B3 = expert_factors(update, fetch)
         per_expert = shape[1]
         parts = []
         for expert in range(rows.start // per_expert, (rows.stop - 1) // per_expert + 1):

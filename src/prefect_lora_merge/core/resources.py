@@ -54,13 +54,8 @@ def human(size: int) -> str:
 @dataclass(frozen=True)
 class Parallelism:
     workers: int  # shards merged at once
-    threads: int  # compute threads per shard (torch intra-op threads)
-    memory_budget: int  # bytes the shard workers may use together
+    threads: int  # threads of each shard's elementwise tile passes (torch intra-op threads)
     reason: str  # one line for the log: how the numbers were chosen
-
-    @property
-    def threads_total(self) -> int:
-        return self.workers * self.threads
 
 
 def choose_parallelism(
@@ -92,7 +87,6 @@ def choose_parallelism(
         return Parallelism(
             1,
             threads,
-            budget,
             f"1 at once: one shard needs about {human(peak_per_shard)}, more than 80% of the memory available now "
             f"({human(budget)}); {threads} compute thread(s)",
         )
@@ -111,4 +105,4 @@ def choose_parallelism(
         chosen, limit = min(bounds, key=lambda bound: bound[0])
         reason = f"{chosen} at once, bounded by {limit}"
     threads = max(1, cpus // chosen - 1)
-    return Parallelism(chosen, threads, budget, f"{reason}; {threads} compute thread(s) each")
+    return Parallelism(chosen, threads, f"{reason}; {threads} compute thread(s) each")

@@ -167,10 +167,7 @@ class Location:
         except STORAGE_FAILURES as exc:
             raise StorageError(f"reading {self.describe(name)} failed after retries: {exc}") from exc
         if start is not None and end is not None and len(data) != end - start:
-            raise StorageError(
-                f"{self.describe(name)}: asked for bytes {start}..{end} and got {len(data)}: the file is shorter "
-                "than its header says (truncated upload or copy?); re-upload it"
-            )
+            raise self._short_read(name, start, end, len(data))
         return data
 
     def read_into(self, name: str, start: int, buffer: memoryview) -> None:
@@ -193,10 +190,13 @@ class Location:
         except OSError as exc:
             raise StorageError(f"reading {self.describe(name)} failed: {exc}") from exc
         if done != len(buffer):
-            raise StorageError(
-                f"{self.describe(name)}: asked for bytes {start}..{start + len(buffer)} and got {done}: the file is "
-                "shorter than its header says (truncated upload or copy?); re-upload it"
-            )
+            raise self._short_read(name, start, start + len(buffer), done)
+
+    def _short_read(self, name: str, start: int, end: int, got: int) -> StorageError:
+        return StorageError(
+            f"{self.describe(name)}: asked for bytes {start}..{end} and got {got}: the file is shorter than its "
+            "header says (truncated upload or copy?); re-upload it"
+        )
 
     def read_json(self, name: str) -> Any:
         data = self.read_bytes(name)
