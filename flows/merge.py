@@ -15,16 +15,21 @@ from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
 from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
 from prefect_lora_merge.core.lease import output_lease
 from prefect_lora_merge.core.options import MergeParameters
-from prefect_lora_merge.core.plan import MergePlan, ShardPlan
+from prefect_lora_merge.core.plan import MANIFEST_FILE, REPORT_FILE, MergePlan, ShardPlan
 from prefect_lora_merge.core.recompute import TensorNumbers
-from prefect_lora_merge.core.resources import Parallelism, choose_parallelism, parse_size
 from prefect_lora_merge.core.state import ShardReceipt, claim_output
 from prefect_lora_merge.flows.artifacts import ShardProgress, publish_shard_table, publish_summary
-from prefect_lora_merge.tasks import consolidate_output, merge_one_shard, plan_merge, validate_merge
+from prefect_lora_merge.flows.runners import ShardRunner, shard_runner
+from prefect_lora_merge.tasks import consolidate_output, plan_merge, validate_merge
 
 
 class MergeSummary(BaseModel):
+    """What `lora_merge` returns: where the merged checkpoint and its manifest are, and how validation went (a
+    failed validation raises `ValidationFailed` instead, and publishes no manifest)."""
+
     output: str
+    manifest: str  # the manifest's URI: published last, only after validation passed
+    validation_report: str  # the validation report's URI, beside the manifest
     fingerprint: str
     shards: int
     tensors_touched: int
@@ -34,7 +39,8 @@ class MergeSummary(BaseModel):
     bytes_copied_server_side: int  # of those, bytes the storage copied itself (untouched shards): none via this host
     seconds: float
     workers: int = 1  # shards merged at once
-    compute_threads: int = 1  # compute threads per shard
+    compute_threads: int = 1  # compute threads per shard (0: each Dask worker's own default)
+    runner: str = "threads"  # where the shards ran: threads of the flow's process, or dask
     # FP8 output: the re-quantized weight that kept the least of its delta, and those under FP8_WARN_COSINE
     fp8_worst_delta: DeltaSurvival | None = None
     fp8_weak_deltas: list[DeltaSurvival] = []
@@ -50,30 +56,24 @@ class ShardsFailed(LoraMergeError):
     """Some shard tasks failed; the others finished and are on storage."""
 
 
-# The flow itself keeps at most `Parallelism.workers` shard tasks submitted, so the task runner needs no bound.
+# The flow itself keeps at most `ShardRunner.slots` shard tasks submitted, so the task runner needs no bound.
 @flow(name="lora-merge", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def lora_merge(params: MergeParameters) -> MergeSummary:
     started = time.perf_counter()
     plan = plan_merge(params)  # reads only: bad inputs are refused before anything is written
-    parallelism = choose_parallelism(
-        plan.estimated_peak_bytes,
-        len(plan.shards),
-        workers=params.workers,
-        max_memory=None if params.max_memory is None else parse_size(params.max_memory),
-    )
-    with output_lease(plan.job.output, break_lock=params.break_lock):
+    with shard_runner(params, plan) as runner, output_lease(plan.job.output, break_lock=params.break_lock):
         claim_output(plan, overwrite=params.overwrite)
-        return _merge(plan, parallelism, started)
+        return _merge(plan, runner, started)
 
 
-def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSummary:
+def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary:
     logger = get_run_logger()
     logger.info(
         "planned %d shards, %d tensors touched, estimated peak memory %.0f MiB per shard; shards: %s",
         len(plan.shards),
         sum(len(s.touched) for s in plan.shards),
         plan.estimated_peak_bytes / 2**20,
-        parallelism.reason,
+        runner.reason,
     )
     progress = ShardProgress(plan)
     receipts: list[ShardReceipt] = []
@@ -86,7 +86,7 @@ def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSu
         disable=None,
         leave=False,
     ) as bar:
-        for shard, future in _bounded(plan, parallelism):
+        for shard, future in _bounded(plan, runner):
             try:
                 receipts.append(future.result())
             except Exception as exc:  # every shard gets its chance before the flow fails
@@ -121,6 +121,8 @@ def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSu
     publish_summary(plan, [], report, time.perf_counter() - started)
     return MergeSummary(
         output=plan.job.output.uri,
+        manifest=plan.job.output.describe(MANIFEST_FILE),
+        validation_report=plan.job.output.describe(REPORT_FILE),
         fingerprint=plan.fingerprint,
         shards=len(plan.shards),
         tensors_touched=sum(len(r.touched) for r in receipts),
@@ -129,8 +131,9 @@ def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSu
         bytes_written=sum(r.bytes for r in receipts if not r.resumed),
         bytes_copied_server_side=sum(r.bytes for r in receipts if r.copied_server_side and not r.resumed),
         seconds=time.perf_counter() - started,
-        workers=parallelism.workers,
-        compute_threads=parallelism.threads,
+        workers=runner.slots,
+        compute_threads=runner.threads or 0,
+        runner=runner.kind,
         fp8_worst_delta=deltas[0] if deltas else None,
         fp8_weak_deltas=weak,
         validation_passed=report.passed,
@@ -141,15 +144,14 @@ def _merge(plan: MergePlan, parallelism: Parallelism, started: float) -> MergeSu
     )
 
 
-def _bounded(plan: MergePlan, parallelism: Parallelism) -> Iterator[tuple[ShardPlan, PrefectFuture[ShardReceipt]]]:
-    """Shard tasks in plan order, at most `parallelism.workers` submitted at a time; each (shard, future) as it
-    finishes."""
+def _bounded(plan: MergePlan, runner: ShardRunner) -> Iterator[tuple[ShardPlan, PrefectFuture[ShardReceipt]]]:
+    """Shard tasks in plan order, at most `runner.slots` submitted at a time; each (shard, future) as it finishes."""
     waiting = list(reversed(plan.shards))
     running: dict[PrefectFuture[ShardReceipt], ShardPlan] = {}
     while waiting or running:
-        while waiting and len(running) < parallelism.workers:
+        while waiting and len(running) < runner.slots:
             shard = waiting.pop()
-            running[merge_one_shard.submit(plan.job, shard, parallelism.threads)] = shard
+            running[runner.submit(shard)] = shard
         future = next(as_completed(list(running)))
         yield running.pop(future), future
 

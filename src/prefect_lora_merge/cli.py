@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prefect_lora_merge.core.errors import LoraMergeError
 
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only when a command needs them
+    from prefect_lora_merge.core.options import MergeParameters
     from prefect_lora_merge.core.recompute import TensorNumbers
 
 
@@ -74,6 +75,25 @@ def _parser() -> argparse.ArgumentParser:
         "--max-memory",
         metavar="SIZE",
         help="memory the shard merges may use together, like 16GiB (default: 80%% of what is available)",
+    )
+    run.add_argument(
+        "--runner",
+        choices=("threads", "dask"),
+        default="threads",
+        help="where shard tasks run: threads of this process (default), or a Dask cluster through prefect-dask",
+    )
+    run.add_argument(
+        "--dask-address",
+        metavar="ADDRESS",
+        help="with --runner dask: the scheduler of a running cluster, like tcp://10.0.0.5:8786 (default: a local "
+        "cluster on this machine)",
+    )
+    run.add_argument(
+        "--dask-workers",
+        type=_positive,
+        metavar="N",
+        help="with --runner dask and no --dask-address: worker processes of the local cluster (default: as many "
+        "as the CPUs, the shards and --max-memory allow)",
     )
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
     run.add_argument("--break-lock", action="store_true", help="take the output's lease from a run that is dead")
@@ -146,16 +166,18 @@ def _quiet_prefect(verbose: bool) -> None:
 
 def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     _quiet_prefect(args.verbose)
-    from prefect_lora_merge.core.options import MergeParameters
     from prefect_lora_merge.flows import run_merge
 
-    params = MergeParameters(
+    params = _parameters(
         base=args.base,
         adapter=args.adapter,
         output=args.output,
         device=args.device,
         workers=args.workers,
         max_memory=args.max_memory,
+        runner=args.runner,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
         output_dtype=args.output_dtype,
@@ -197,6 +219,23 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         for decision in summary.decisions:
             print(f"note: {decision}")
     return 0
+
+
+def _parameters(**values: Any) -> MergeParameters:
+    """`MergeParameters` from options; a value it refuses is reported by its option's name."""
+    from pydantic import ValidationError
+
+    from prefect_lora_merge.core.options import MergeParameters
+
+    try:
+        return MergeParameters(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            option = f"--{field.replace('_', '-')}: " if field else ""
+            problems.append(option + error["msg"].removeprefix("Value error, "))
+        raise LoraMergeError("; ".join(problems)) from None
 
 
 def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:

@@ -1,5 +1,7 @@
 """Loaded by a test's child process (on PYTHONPATH): kill -9 the process at the point named by LORA_MERGE_KILL_AT,
 or, with LORA_MERGE_PAUSE_MARKER set, stop after the first committed shard, touch that file and wait to be killed.
+With LORA_MERGE_KILL_ONCE naming a file, only the first process to reach the point dies (it creates that file): of
+a Dask cluster's worker processes, which all load this plugin, one dies and its restart does not.
 
 Only tests put this directory on PYTHONPATH; the tool itself has no crash hooks.
 """
@@ -9,9 +11,15 @@ import signal
 
 POINT = os.environ.get("LORA_MERGE_KILL_AT", "")
 PAUSE_MARKER = os.environ.get("LORA_MERGE_PAUSE_MARKER", "")
+KILL_ONCE = os.environ.get("LORA_MERGE_KILL_ONCE", "")
 
 
 def _die() -> None:
+    if KILL_ONCE:
+        try:
+            os.close(os.open(KILL_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process died here already
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -58,6 +66,9 @@ def _install() -> None:
                 if calls["writes"] == 3:
                     _die()
                 return self.handle.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
 
         def atomic_writer(self, name):
             context = original_writer(self, name)

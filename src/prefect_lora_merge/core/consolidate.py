@@ -78,6 +78,9 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
                 f"{output.describe(shard.file)} is {size} bytes but its merge wrote {by_file[shard.file].bytes}; "
                 "re-run the merge"
             )
+    # Every shard is committed, so a partial write still here was left by a writer that died mid-shard (a killed
+    # Dask worker, whose shard ran again elsewhere): nothing will finish it.
+    output.discard_partial_writes()
 
     files: dict[str, FileRecord] = {r.file: FileRecord(bytes=r.bytes, sha256=r.sha256) for r in receipts}
     weight_map = {t.name: s.file for s in plan.shards for t in s.written}

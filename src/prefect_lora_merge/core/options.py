@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .errors import LoraMergeError
 from .resources import parse_size
@@ -43,6 +43,23 @@ class MergeParameters(BaseModel):
         description="With output_dtype fp8: fail a shard whose re-quantized weight keeps less of its intended "
         "change than this cosine (realised vs intended ΔW).",
     )
+    runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="Where shard tasks run: threads of the flow's own process, or a Dask cluster (prefect-dask): "
+        "the one at dask_address, else a local cluster of dask_workers processes.",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="With runner dask: the scheduler of a running Dask cluster, like tcp://10.0.0.5:8786. Its "
+        "workers need this package installed and PREFECT_API_URL pointing at the same Prefect server.",
+    )
+    dask_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="With runner dask and no dask_address: worker processes of the local cluster (default: as many "
+        "as the CPUs, the shards and max_memory allow); each gets an equal share of max_memory.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
     )
@@ -56,6 +73,21 @@ class MergeParameters(BaseModel):
             except LoraMergeError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _runner(self) -> MergeParameters:
+        if self.runner != "dask" and (self.dask_address or self.dask_workers):
+            raise ValueError("dask_address and dask_workers need runner dask (--runner dask)")
+        if self.dask_address and self.dask_workers:
+            raise ValueError(
+                "dask_workers sizes a local cluster; a cluster at dask_address has its own workers: give one of them"
+            )
+        if self.runner == "dask" and self.workers is not None:
+            raise ValueError(
+                "workers counts shards at once on this machine; with runner dask the cluster's workers decide it "
+                "(use dask_workers for a local cluster)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

@@ -106,3 +106,90 @@ def choose_parallelism(
         reason = f"{chosen} at once, bounded by {limit}"
     threads = max(1, cpus // chosen - 1)
     return Parallelism(chosen, threads, f"{reason}; {threads} compute thread(s) each")
+
+
+# Memory a Dask worker process needs besides its shard merges: the interpreter, torch, Prefect and the engine's
+# results (measured ~0.6 GiB RSS for an idle worker that has imported them; rounded up).
+WORKER_RUNTIME_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class WorkerCapacity:
+    """One worker of a cluster, as its scheduler describes it."""
+
+    address: str
+    threads: int
+    memory_limit: int  # bytes; 0: no limit
+    resources: dict[str, float]  # abstract resources the worker advertises, e.g. {"MEMORY": 16e9, "GPU": 1}
+
+
+@dataclass(frozen=True)
+class ClusterPlacement:
+    """Where shard tasks may run on a cluster, and how many at once."""
+
+    slots: int  # shard tasks the eligible workers can hold at once
+    workers: tuple[str, ...] | None  # the only workers a shard may run on; None: any
+    resources: dict[str, float]  # what each shard task claims of a worker's advertised resources
+    reason: str
+
+
+def place_on_cluster(
+    workers: list[WorkerCapacity], peak_per_shard: int, *, gpu: bool, cluster: str
+) -> ClusterPlacement:
+    """Shard tasks on a Dask cluster within each worker's memory limit (and on GPU workers for a cuda merge).
+
+    A worker holds min(its threads, its memory ÷ the plan's per-shard estimate) shards. Its memory is its
+    advertised `MEMORY` resource when it has one (Dask then enforces it per worker: every shard task claims the
+    estimate), else its memory limit less `WORKER_RUNTIME_BYTES`. Workers that cannot hold one shard are left
+    out; with none left, the merge is refused before anything is written.
+    """
+    if not workers:
+        raise LoraMergeError(f"the Dask cluster at {cluster} has no workers: start some, then re-run")
+    if gpu:
+        candidates = [w for w in workers if w.resources.get("GPU", 0) >= 1]
+        if not candidates:
+            raise LoraMergeError(
+                f"device cuda on the Dask cluster at {cluster}: no worker advertises a GPU resource; start GPU "
+                "workers with `dask worker --resources GPU=1` (one per GPU), or merge with --device cpu"
+            )
+    else:
+        candidates = list(workers)
+    slots: dict[str, int] = {}
+    for worker in candidates:
+        if "MEMORY" in worker.resources:
+            fits = int(worker.resources["MEMORY"] // max(1, peak_per_shard))
+        elif worker.memory_limit:
+            fits = max(0, worker.memory_limit - WORKER_RUNTIME_BYTES) // max(1, peak_per_shard)
+        else:
+            fits = worker.threads
+        if gpu:
+            fits = min(fits, int(worker.resources["GPU"]))
+        if min(worker.threads, fits) >= 1:
+            slots[worker.address] = min(worker.threads, fits)
+    if not slots:
+        largest = max(candidates, key=lambda w: w.resources.get("MEMORY", w.memory_limit))
+        raise LoraMergeError(
+            f"no worker of the Dask cluster at {cluster} can hold one shard's merge (about {human(peak_per_shard)} "
+            f"plus {human(WORKER_RUNTIME_BYTES)} for the worker itself); the largest has "
+            f"{human(int(largest.resources.get('MEMORY', largest.memory_limit)))}: start workers with a larger "
+            "--memory-limit (or --resources MEMORY=<bytes>)"
+        )
+    resources: dict[str, float] = {}
+    if all("MEMORY" in w.resources for w in candidates if w.address in slots):
+        resources["MEMORY"] = float(peak_per_shard)
+    if gpu:
+        resources["GPU"] = 1.0
+    left_out = len(workers) - len(slots)
+    only = tuple(sorted(slots)) if left_out else None
+    total = sum(slots.values())
+    reason = f"{total} at once on {len(slots)} Dask worker(s) of {cluster}"
+    if left_out:
+        reason += f" ({left_out} left out: too little memory{' or no GPU' if gpu else ''})"
+    if "MEMORY" not in resources:
+        crowded = [a for a, n in slots.items() if n < next(w.threads for w in workers if w.address == a)]
+        if crowded:
+            reason += (
+                f"; {len(crowded)} worker(s) have more threads than shards fit in their memory and advertise no "
+                "MEMORY resource, so Dask may crowd them: start them with --nthreads 1 or --resources MEMORY=<bytes>"
+            )
+    return ClusterPlacement(total, only, resources, reason)
