@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
@@ -61,9 +63,41 @@ class ShardsFailed(LoraMergeError):
 def lora_merge(params: MergeParameters) -> MergeSummary:
     started = time.perf_counter()
     plan = plan_merge(params)  # reads only: bad inputs are refused before anything is written
-    with shard_runner(params, plan) as runner, output_lease(plan.job.output, break_lock=params.break_lock):
+    with (
+        _one_run_per_output(plan.job.output.uri, wait=params.wait_for_output),
+        shard_runner(params, plan) as runner,
+        output_lease(plan.job.output, break_lock=params.break_lock),
+    ):
         claim_output(plan, overwrite=params.overwrite)
         return _merge(plan, runner, started)
+
+
+# A killed run's slot returns to the limit this long after its last renewal (Prefect's minimum lease).
+OUTPUT_SLOT_LEASE_SECONDS = 60
+
+
+@contextmanager
+def _one_run_per_output(output: str, *, wait: bool) -> Iterator[None]:
+    """With `wait`, hold the output's slot in a Prefect global concurrency limit of 1 (created on first use), so
+    runs on one output queue behind each other. Without it, a second run is refused by the output's own lease,
+    which also guards runs on other Prefect servers."""
+    if not wait:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = output_limit_name(output)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    get_run_logger().info("waiting for the slot of %s (global concurrency limit %s)", output, name)
+    with concurrency(name, occupy=1, lease_duration=OUTPUT_SLOT_LEASE_SECONDS, strict=True):
+        yield
+
+
+def output_limit_name(output: str) -> str:
+    """The global concurrency limit that queues runs on `output` (a hash: limit names cannot hold a URI's '/')."""
+    return "lora-merge-output-" + hashlib.sha256(output.encode()).hexdigest()[:16]
 
 
 def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary:

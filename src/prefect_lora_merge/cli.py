@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an output holding a different merge")
     run.add_argument("--break-lock", action="store_true", help="take the output's lease from a run that is dead")
     run.add_argument(
+        "--wait-for-output",
+        action="store_true",
+        help="if another run is writing the same output, wait for it (a Prefect concurrency limit of one run per "
+        "output) instead of failing",
+    )
+    run.add_argument(
         "--fp8-min-cosine",
         type=float,
         metavar="C",
@@ -124,6 +130,31 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print the report as JSON")
     validate.add_argument("--verbose", action="store_true", help="show full tracebacks")
     validate.set_defaults(handler=_validate)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the merge flow from this process (no work pool): merges start on adapter-ready events and on "
+        "an optional cron schedule; needs PREFECT_API_URL",
+    )
+    serve.add_argument("--base", required=True, help="the base checkpoint every merge of this deployment uses")
+    serve.add_argument("--name", default="lora-merge", help="the deployment's name (default: lora-merge)")
+    serve.add_argument("--cron", help='also merge --adapter into --output on this UTC schedule, like "0 3 * * *"')
+    serve.add_argument("--adapter", help="with --cron: the adapter to merge (a path the training job overwrites)")
+    serve.add_argument("--output", help="with --cron: where its merge goes")
+    serve.add_argument("--limit", type=_positive, help="merges this process runs at once (default: no limit)")
+    serve.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON for every merge it runs")
+    serve.add_argument("--verbose", action="store_true", help="show full tracebacks")
+    serve.set_defaults(handler=_serve)
+
+    announce = sub.add_parser(
+        "announce",
+        help="emit the adapter-ready event that starts a deployed merge (for a training job's last step); needs "
+        "PREFECT_API_URL",
+    )
+    announce.add_argument("--adapter", required=True, help="the adapter's URI, as the merge workers reach it")
+    announce.add_argument("--output", required=True, help="where its merge goes")
+    announce.add_argument("--verbose", action="store_true", help="show full tracebacks")
+    announce.set_defaults(handler=_announce)
 
     demo = sub.add_parser("demo", help="build a tiny model and adapter, merge them through the flow, check vs PEFT")
     demo.add_argument("--workdir", default="demo-output", help="where the demo's files go (default: ./demo-output)")
@@ -180,6 +211,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         dask_workers=args.dask_workers,
         overwrite=args.overwrite,
         break_lock=args.break_lock,
+        wait_for_output=args.wait_for_output,
         output_dtype=args.output_dtype,
         fp8_min_cosine=args.fp8_min_cosine,
         storage_options=storage_options,
@@ -336,6 +368,30 @@ def _merged_output_dtype(output: Any) -> str:
     if manifest is None or manifest.output_dtype == "keep":
         return "auto"
     return manifest.output_dtype
+
+
+def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect_lora_merge.flows.deployment import serve
+
+    serve(
+        args.base,
+        name=args.name,
+        cron=args.cron,
+        adapter=args.adapter,
+        output=args.output,
+        storage_options=storage_options or None,
+        limit=args.limit,
+    )
+    return 0
+
+
+def _announce(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    from prefect_lora_merge.flows.events import announce_adapter
+
+    event = announce_adapter(args.adapter, args.output)
+    print(f"announced {args.adapter} -> {args.output} (event {event})")
+    return 0
 
 
 def _demo(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:

@@ -30,6 +30,11 @@ class MergeParameters(BaseModel):
         "the merge starts); sets how many shards run at once from the plan's per-shard estimate.",
     )
     overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
+    wait_for_output: bool = Field(
+        False,
+        description="When another run of this tool is writing the same output, wait for it to finish (a Prefect "
+        "global concurrency limit of one run per output) instead of failing. The deployment's trigger sets it.",
+    )
     break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
     output_dtype: Literal["auto", "bf16", "fp8"] = Field(
         "auto",

@@ -1,0 +1,44 @@
+"""The event that says an adapter is ready to merge: a training job emits it, the deployment's trigger starts a merge.
+
+lora-merge.adapter.ready   resource lora-merge.adapter.<adapter URI>   payload {adapter, output, ...}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect_lora_merge.core.errors import LoraMergeError
+
+ADAPTER_READY = "lora-merge.adapter.ready"
+ADAPTER_RESOURCE = "lora-merge.adapter."  # + the adapter's URI
+
+
+def announce_adapter(adapter: str, output: str, **details: Any) -> str:
+    """Emit `lora-merge.adapter.ready` for `adapter`, to be merged into `output`, on the Prefect server at
+    PREFECT_API_URL, and wait until it is sent. Returns the event's id.
+
+    `details` (JSON values: a training run id, a step...) travel in the payload and show in the Prefect UI."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    for option, value in (("adapter", adapter), ("output", output)):
+        if not value or not value.strip():
+            raise LoraMergeError(f"announcing an adapter needs its {option} URI (--{option})")
+    if not PREFECT_API_URL.value():
+        raise LoraMergeError(
+            "PREFECT_API_URL is not set: the event must reach the Prefect server the merge deployment lives on "
+            "(export PREFECT_API_URL=http://HOST:4200/api)"
+        )
+    event = emit_event(
+        event=ADAPTER_READY,
+        resource={"prefect.resource.id": ADAPTER_RESOURCE + adapter, "prefect.resource.name": adapter},
+        payload={"adapter": adapter, "output": output, **details},
+    )
+    EventsWorker.drain_all()  # a short-lived process would otherwise exit before the websocket sends it
+    if event is None:
+        raise LoraMergeError(
+            f"the Prefect client did not emit the event (is PREFECT_API_URL={PREFECT_API_URL.value()} "
+            "a Prefect server?)"
+        )
+    return str(event.id)
