@@ -113,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
     inputs(plan, output_help="the output the merge would write (checked, not written)")
+    plan.add_argument(
+        "--kubernetes",
+        metavar="DIR",
+        help="also write DIR/job-variables.json (for infra/kubernetes/work-pool-job-template.json) and "
+        "DIR/dask-cluster.yaml (a DaskCluster for the dask-kubernetes operator), sized from this plan",
+    )
+    plan.add_argument("--image", help="with --kubernetes: the image that has prefect-lora-merge installed")
+    plan.add_argument(
+        "--shards-at-once",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="with --kubernetes: shards the work-pool job merges at once (default: 1)",
+    )
+    plan.add_argument(
+        "--dask-workers", type=_positive, default=4, metavar="N", help="with --kubernetes: Dask workers (default: 4)"
+    )
+    plan.add_argument("--gpu", action="store_true", help="with --kubernetes: one GPU per job and per Dask worker")
     plan.set_defaults(handler=_plan)
 
     validate = sub.add_parser("validate", help="check a merged output (against base + adapter when given)")
@@ -281,6 +299,10 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         storage_options=storage_options,
         output_dtype=args.output_dtype,
     )
+    if args.kubernetes:
+        _write_kubernetes(args, plan.estimated_peak_bytes)
+    elif args.image or args.gpu:
+        raise LoraMergeError("--image and --gpu size the --kubernetes files: give --kubernetes DIR too")
     adapter = plan.job.adapter
     rows = [
         {
@@ -313,6 +335,29 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         print(f"note: {decision}")
     print("dry run: nothing was written")
     return 0
+
+
+def _write_kubernetes(args: argparse.Namespace, peak_per_shard: int) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from prefect_lora_merge.core.sizing import dask_cluster, job_variables, merge_pod
+
+    if not args.image:
+        raise LoraMergeError("--kubernetes needs --image: an image with prefect-lora-merge[s3,dask] installed")
+    directory = Path(args.kubernetes)
+    directory.mkdir(parents=True, exist_ok=True)
+    pod = merge_pod(peak_per_shard, args.shards_at_once, gpus=1 if args.gpu else 0)
+    variables = job_variables(pod, args.image)
+    (directory / "job-variables.json").write_text(json.dumps(variables, indent=2) + "\n")
+    cluster = dask_cluster("lora-merge", args.image, args.dask_workers, peak_per_shard, gpu=args.gpu)
+    (directory / "dask-cluster.yaml").write_text(yaml.safe_dump(cluster, sort_keys=False))
+    print(
+        f"wrote {directory / 'job-variables.json'} (a job of {pod.memory}, {pod.cpu} CPUs, {pod.gpus} GPU) and "
+        f"{directory / 'dask-cluster.yaml'} ({args.dask_workers} Dask workers of "
+        f"{_size(peak_per_shard)} per shard each); see infra/README.md"
+    )
 
 
 def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
