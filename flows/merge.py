@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
 from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
-from prefect_lora_merge.core.lease import output_lease
+from prefect_lora_merge.core.lease import Lease, output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MANIFEST_FILE, REPORT_FILE, MergePlan, ShardPlan
 from prefect_lora_merge.core.recompute import TensorNumbers
@@ -63,10 +63,13 @@ class ShardsFailed(LoraMergeError):
 def lora_merge(params: MergeParameters) -> MergeSummary:
     started = time.perf_counter()
     plan = plan_merge(params)  # reads only: bad inputs are refused before anything is written
+    output = plan.job.output
+    # The runner refuses what it cannot run before the lease writes anything; `_bounded` lets no shard task outlive
+    # the lease.
     with (
-        _one_run_per_output(plan.job.output.uri, wait=params.wait_for_output),
+        _one_run_per_output(output.uri, wait=params.wait_for_output),
         shard_runner(params, plan) as runner,
-        output_lease(plan.job.output, break_lock=params.break_lock),
+        output_lease(output, break_lock=params.break_lock, wait=params.wait_for_output, on_wait=_waiting_for),
     ):
         claim_output(plan, overwrite=params.overwrite)
         return _merge(plan, runner, started)
@@ -78,21 +81,45 @@ OUTPUT_SLOT_LEASE_SECONDS = 60
 
 @contextmanager
 def _one_run_per_output(output: str, *, wait: bool) -> Iterator[None]:
-    """With `wait`, hold the output's slot in a Prefect global concurrency limit of 1 (created on first use), so
-    runs on one output queue behind each other. Without it, a second run is refused by the output's own lease,
-    which also guards runs on other Prefect servers."""
+    """With `wait` and a Prefect server, hold the output's slot in a global concurrency limit of 1 (created on first
+    use), so runs on one output start in turn. The output's own lease decides in the end (it also guards runs on
+    other Prefect servers, or on none): a waiting run then waits for that too."""
+    from prefect.settings import PREFECT_API_URL
+
     if not wait:
+        yield
+        return
+    logger = get_run_logger()
+    if not PREFECT_API_URL.value():
+        logger.info("no Prefect server (PREFECT_API_URL): waiting on the output's lease alone")
         yield
         return
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
 
     name = output_limit_name(output)
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    get_run_logger().info("waiting for the slot of %s (global concurrency limit %s)", output, name)
-    with concurrency(name, occupy=1, lease_duration=OUTPUT_SLOT_LEASE_SECONDS, strict=True):
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+        except ObjectAlreadyExists:
+            pass  # another run created it a moment ago
+    logger.info("waiting for the slot of %s (global concurrency limit %s)", output, name)
+    # A failed renewal of the slot does not stop a merge: the output's lease still keeps writers apart.
+    with concurrency(
+        name,
+        occupy=1,
+        lease_duration=OUTPUT_SLOT_LEASE_SECONDS,
+        strict=True,
+        raise_on_lease_renewal_failure=False,
+    ):
+        logger.info("took the slot of %s", output)
         yield
+    logger.info("released the slot of %s", output)
+
+
+def _waiting_for(holder: Lease) -> None:
+    get_run_logger().info("waiting for the run that holds the output: %s", holder.describe())
 
 
 def output_limit_name(output: str) -> str:
@@ -182,12 +209,18 @@ def _bounded(plan: MergePlan, runner: ShardRunner) -> Iterator[tuple[ShardPlan, 
     """Shard tasks in plan order, at most `runner.slots` submitted at a time; each (shard, future) as it finishes."""
     waiting = list(reversed(plan.shards))
     running: dict[PrefectFuture[ShardReceipt], ShardPlan] = {}
-    while waiting or running:
-        while waiting and len(running) < runner.slots:
-            shard = waiting.pop()
-            running[runner.submit(shard)] = shard
-        future = next(as_completed(list(running)))
-        yield running.pop(future), future
+    try:
+        while waiting or running:
+            while waiting and len(running) < runner.slots:
+                shard = waiting.pop()
+                running[runner.submit(shard)] = shard
+            future = next(as_completed(list(running)))
+            yield running.pop(future), future
+    finally:
+        # Left early (an error in the caller): the shards in flight finish before the flow lets the output's lease
+        # go, so none of them writes after another run has taken it (a cluster would run them on regardless).
+        for future in running:
+            future.wait()
 
 
 def run_merge(params: MergeParameters) -> MergeSummary:

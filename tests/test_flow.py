@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import shutil
+import time
 
 import pytest
 import zoo
@@ -158,3 +159,40 @@ def test_a_failed_validation_puts_the_failures_first_in_the_summary(llama_case, 
     assert "differ from base + adapter recomputed in float64" in summary.splitlines()[4]
     assert not (out / "lora-merge-manifest.json").exists(), "nothing is published"
     assert not json.loads((out / "lora-merge-report.json").read_text())["passed"]
+
+
+def test_shards_in_flight_finish_before_the_flow_lets_the_output_go(prefect_server, llama_case, tmp_path):
+    """An error while shards run: the flow's shard loop waits for the ones in flight before it leaves (and so
+    before the output's lease is released), so no shard task writes after another run has taken the output."""
+    import threading
+
+    from prefect import flow, task
+
+    from prefect_lora_merge.core.plan import make_plan
+    from prefect_lora_merge.flows.merge import _bounded
+    from prefect_lora_merge.flows.runners import ShardRunner
+
+    plan = make_plan(str(llama_case.base_dir), str(llama_case.adapter_dir), str(tmp_path / "out"), device="cpu")
+    assert len(plan.shards) >= 2
+    first_done = threading.Event()
+    finished: list[str] = []
+
+    @task
+    def shard_task(file: str) -> str:
+        if file == plan.shards[0].file:
+            first_done.set()
+        else:
+            first_done.wait(10)
+            time.sleep(1.0)  # still running when the caller gives up
+        finished.append(file)
+        return file
+
+    @flow
+    def leaves_early() -> list[str]:
+        runner = ShardRunner("threads", len(plan.shards), 1, "test", lambda shard: shard_task.submit(shard.file))
+        shards = _bounded(plan, runner)
+        next(shards)
+        shards.close()  # what an exception in the caller's loop does
+        return list(finished)
+
+    assert sorted(leaves_early()) == sorted(s.file for s in plan.shards), "every shard in flight had finished"

@@ -74,6 +74,32 @@ def test_a_second_writer_is_refused_naming_the_lease_holder(llama_case, tmp_path
     assert not (out / LEASE_FILE).exists(), "a finished run gives its lease back"
 
 
+def test_a_waiting_writer_takes_the_lease_once_the_holder_lets_it_go(tmp_path, monkeypatch):
+    import threading
+
+    from prefect_lora_merge.core import lease
+
+    monkeypatch.setattr(lease, "WAIT_POLL_SECONDS", 0.05)
+    output = Location.parse(str(tmp_path / "merged"))
+    heard: list[str] = []
+    with output_lease(output) as first:
+        waiter_took: list[float] = []
+
+        def wait_for_it() -> None:
+            with output_lease(output, wait=True, on_wait=lambda holder: heard.append(holder.holder)):
+                waiter_took.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.5)
+        assert not waiter_took, "it waits while the first writer holds the output"
+        released = time.monotonic()
+    waiter.join(timeout=10)
+    assert waiter_took and waiter_took[0] >= released
+    assert heard == [first.holder], "told once who it waits for"
+    assert not (tmp_path / "merged" / LEASE_FILE).exists()
+
+
 def _plant_lease(out, holder: str, expires: float) -> None:
     (out / ".lora-merge").mkdir(parents=True, exist_ok=True)
     (out / LEASE_FILE).write_text(Lease(holder=holder, acquired=time.time(), expires=expires).model_dump_json())

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -66,26 +66,57 @@ def _read(output: Location) -> Lease | None:
         return None
 
 
-@contextmanager
-def output_lease(output: Location, *, break_lock: bool = False, ttl: float = DEFAULT_TTL_SECONDS) -> Iterator[Lease]:
-    """Hold the output's lease for the duration of the block; refuse, naming the holder, if a live run has it."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    now = time.time()
-    lease = Lease(holder=holder, acquired=now, expires=now + ttl)
-    if break_lock:
-        output.remove(LEASE_FILE)
+def _take(output: Location, lease: Lease) -> tuple[bool, Lease | None]:
+    """Create the lease object for `lease`: (True, None) when taken, else (False, the live lease in the way, or None
+    when another run took a stale lease over at the same moment)."""
     for _ in range(2):
         if output.create_exclusive(LEASE_FILE, lease.model_dump_json().encode()):
-            break
+            return True, None
         current = _read(output)
         if current is not None and not _stale(current, time.time()):
-            raise OutputLocked(
-                f"{output.uri} is being written by another run: {current.describe()}; wait for it to finish, or "
-                "pass --break-lock if that run is dead"
-            )
+            return False, current
         output.remove(LEASE_FILE)  # stale or unreadable: take it over (the create above decides any race)
-    else:
-        raise OutputLocked(f"{output.uri}: could not take the output's lease; another run is starting, retry")
+    return False, _read(output)
+
+
+# How often a waiting run looks at the lease again.
+WAIT_POLL_SECONDS = 5.0
+
+
+@contextmanager
+def output_lease(
+    output: Location,
+    *,
+    break_lock: bool = False,
+    wait: bool = False,
+    ttl: float = DEFAULT_TTL_SECONDS,
+    on_wait: Callable[[Lease], None] | None = None,
+) -> Iterator[Lease]:
+    """Hold the output's lease for the duration of the block. If a live run has it: refuse, naming the holder, or
+    with `wait` poll until that run lets it go (it finishes, or dies and its lease expires); `on_wait` hears of the
+    holder once."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    if break_lock:
+        output.remove(LEASE_FILE)
+    waited_for: str | None = None
+    while True:
+        now = time.time()
+        lease = Lease(holder=holder, acquired=now, expires=now + ttl)
+        taken, current = _take(output, lease)
+        if taken:
+            break
+        if not wait:
+            if current is None:
+                raise OutputLocked(f"{output.uri}: could not take the output's lease; another run is starting, retry")
+            raise OutputLocked(
+                f"{output.uri} is being written by another run: {current.describe()}; wait for it to finish "
+                "(--wait-for-output), or pass --break-lock if that run is dead"
+            )
+        if current is not None and current.holder != waited_for:
+            waited_for = current.holder
+            if on_wait is not None:
+                on_wait(current)
+        time.sleep(WAIT_POLL_SECONDS)
 
     stop = threading.Event()
     lost: list[str] = []

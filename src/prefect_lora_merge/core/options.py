@@ -32,8 +32,9 @@ class MergeParameters(BaseModel):
     overwrite: bool = Field(False, description="Replace an output that holds a merge of other inputs.")
     wait_for_output: bool = Field(
         False,
-        description="When another run of this tool is writing the same output, wait for it to finish (a Prefect "
-        "global concurrency limit of one run per output) instead of failing. The deployment's trigger sets it.",
+        description="When another run of this tool is writing the same output, wait for it to finish instead of "
+        "failing: for a turn in a Prefect global concurrency limit of one run per output (with a Prefect server), "
+        "then for the output's lease. The deployment's trigger and schedule set it.",
     )
     break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
     output_dtype: Literal["auto", "bf16", "fp8"] = Field(
