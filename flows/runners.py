@@ -20,7 +20,6 @@ from prefect_lora_merge.core.plan import MergePlan, ShardPlan
 from prefect_lora_merge.core.resources import (
     WORKER_RUNTIME_BYTES,
     WorkerCapacity,
-    available_memory,
     choose_parallelism,
     parse_size,
     place_on_cluster,
@@ -46,7 +45,7 @@ def shard_runner(params: MergeParameters, plan: MergePlan) -> Iterator[ShardRunn
     """The runner `params.runner` names, started (a local Dask cluster is started here and stopped on exit).
 
     Everything that can refuse the merge (a budget too small, a cluster without room or GPUs, a scheduler that does
-    not answer) raises here, before the flow takes the output's lease."""
+    not answer) raises here, before the flow takes the output's lease: a refused merge writes nothing."""
     max_memory = None if params.max_memory is None else parse_size(params.max_memory)
     if params.runner == "threads":
         parallelism = choose_parallelism(
@@ -75,14 +74,22 @@ def _dask_runner(params: MergeParameters, plan: MergePlan, max_memory: int | Non
             "on every Dask worker)"
         ) from None
     estimate = plan.estimated_peak_bytes
+    gpu = plan.job.device.startswith("cuda")
     threads: int | None = None
+    if gpu and not params.dask_address:
+        raise LoraMergeError(
+            f"device {plan.job.device} with --runner dask needs a cluster with GPU workers: give its scheduler as "
+            "--dask-address (workers started with --resources GPU=1); a local cluster (--dask-workers) merges on "
+            "the CPU (--device cpu), and this machine's GPU merges with --runner threads"
+        )
     if params.dask_address:
         cluster = params.dask_address
         runner = DaskTaskRunner(address=cluster, client_kwargs={"timeout": DASK_CONNECT_TIMEOUT})
     else:
-        local = choose_parallelism(estimate, len(plan.shards), workers=params.dask_workers, max_memory=max_memory)
-        budget = max_memory if max_memory is not None else available_memory() * 4 // 5
-        per_worker = max(budget // local.workers, estimate)
+        local = choose_parallelism(
+            estimate, len(plan.shards), workers=params.dask_workers, max_memory=max_memory, option="--dask-workers"
+        )
+        per_worker = max(local.budget // local.workers, estimate)
         threads = local.threads
         cluster = f"a local cluster of {local.workers} worker process(es)"
         runner = DaskTaskRunner(cluster_kwargs=_local_cluster(local.workers, per_worker))
@@ -103,7 +110,7 @@ def _dask_runner(params: MergeParameters, plan: MergePlan, max_memory: int | Non
             )
             for address, worker in info["workers"].items()
         ]
-        placement = place_on_cluster(workers, estimate, gpu=plan.job.device.startswith("cuda"), cluster=cluster)
+        placement = place_on_cluster(workers, estimate, gpu=gpu, cluster=cluster)
         annotations: dict[str, Any] = {}
         if placement.resources:
             annotations["resources"] = placement.resources

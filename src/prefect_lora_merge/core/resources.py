@@ -56,6 +56,7 @@ class Parallelism:
     workers: int  # shards merged at once
     threads: int  # threads of each shard's elementwise tile passes (torch intra-op threads)
     reason: str  # one line for the log: how the numbers were chosen
+    budget: int  # the memory budget the numbers were chosen within (bytes)
 
 
 def choose_parallelism(
@@ -65,6 +66,7 @@ def choose_parallelism(
     workers: int | None = None,
     max_memory: int | None = None,
     cpus: int | None = None,
+    option: str = "--workers",
 ) -> Parallelism:
     """Shards at once: `workers` when given, else as many as the CPUs, the shards left and the memory budget allow.
 
@@ -72,7 +74,7 @@ def choose_parallelism(
     workers leave, less one for the I/O threads, and at least one: oversubscribed intra-op threads cost ~20% on
     2 cores (measured). The budget is `max_memory`, or 80% of the memory available now. A shard larger than an
     explicit `max_memory` is refused; larger than the default budget, it runs alone (the estimate is an upper bound,
-    and the memory available now is not all the machine can give).
+    and the memory available now is not all the machine can give). `option` names `workers` in errors.
     """
     cpus = cpus or cpu_count()
     budget = max_memory if max_memory is not None else available_memory() * 4 // 5
@@ -89,23 +91,24 @@ def choose_parallelism(
             threads,
             f"1 at once: one shard needs about {human(peak_per_shard)}, more than 80% of the memory available now "
             f"({human(budget)}); {threads} compute thread(s)",
+            budget,
         )
     fits = max(1, budget // max(1, peak_per_shard))
     if workers is not None:
         if max_memory is not None and workers > fits:
             raise LoraMergeError(
-                f"--workers {workers} needs about {human(workers * peak_per_shard)} ({human(peak_per_shard)} per "
-                f"shard), more than --max-memory {human(max_memory)}; use --workers {fits} or fewer, or leave "
-                "--workers out to choose automatically"
+                f"{option} {workers} needs about {human(workers * peak_per_shard)} ({human(peak_per_shard)} per "
+                f"shard), more than --max-memory {human(max_memory)}; use {option} {fits} or fewer, or leave "
+                f"{option} out to choose automatically"
             )
-        chosen, reason = workers, f"--workers {workers}"
+        chosen, reason = workers, f"{option} {workers}"
     else:
         bounds = [(cpus, f"{cpus} CPUs"), (max(1, shards_to_do), f"{shards_to_do} shard(s) to merge")]
         bounds.append((fits, f"memory: {fits} × {human(peak_per_shard)} fit in {human(budget)}"))
         chosen, limit = min(bounds, key=lambda bound: bound[0])
         reason = f"{chosen} at once, bounded by {limit}"
     threads = max(1, cpus // chosen - 1)
-    return Parallelism(chosen, threads, f"{reason}; {threads} compute thread(s) each")
+    return Parallelism(chosen, threads, f"{reason}; {threads} compute thread(s) each", budget)
 
 
 # Memory a Dask worker process needs besides its shard merges: the interpreter, torch, Prefect and the engine's
@@ -180,11 +183,20 @@ def place_on_cluster(
     if gpu:
         resources["GPU"] = 1.0
     left_out = len(workers) - len(slots)
-    only = tuple(sorted(slots)) if left_out else None
+    # Workers without a GPU or without MEMORY never match the resources a task claims; only workers short of memory
+    # without a MEMORY resource need the tasks held away from them by address.
+    short = len(candidates) - len(slots)
+    only = tuple(sorted(slots)) if short and "MEMORY" not in resources else None
     total = sum(slots.values())
     reason = f"{total} at once on {len(slots)} Dask worker(s) of {cluster}"
     if left_out:
         reason += f" ({left_out} left out: too little memory{' or no GPU' if gpu else ''})"
+        if only is not None:
+            # Dask restricts tasks to worker addresses; a worker restarted under a new address gets none of them.
+            reason += (
+                "; shards are held to the eligible workers by address (a worker that restarts under a new one takes "
+                "no shards): start workers with --resources MEMORY=<bytes> so Dask places shards by memory instead"
+            )
     if "MEMORY" not in resources:
         crowded = [a for a, n in slots.items() if n < next(w.threads for w in workers if w.address == a)]
         if crowded:
