@@ -3,6 +3,7 @@ ones for a work pool (a test keeps the two equal)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prefect_lora_merge.core.errors import LoraMergeError
@@ -16,15 +17,53 @@ TRIGGER = "adapter-ready"
 def trigger_parameters(base: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flow's `params` for a run an adapter-ready event starts: the adapter and the output from the event, the
     base fixed, and runs on one output queued one after another."""
+    return _params(base, ADAPTER_FROM_EVENT, OUTPUT_FROM_EVENT, OVERWRITE_FROM_EVENT, storage_options)
+
+
+# What a run the trigger starts takes from the event (announce_adapter's payload). An event without `overwrite`
+# (emitted by other tools) does not replace another adapter's merge.
+ADAPTER_FROM_EVENT = "{{ event.payload.adapter }}"
+OUTPUT_FROM_EVENT = "{{ event.payload.output }}"
+OVERWRITE_FROM_EVENT = "{{ event.payload.overwrite | default(false) }}"
+
+
+def _params(
+    base: str, adapter: str, output: str, overwrite: bool | str, storage_options: dict[str, Any] | None
+) -> dict[str, Any]:
     params: dict[str, Any] = {
         "base": base,
-        "adapter": "{{ event.payload.adapter }}",
-        "output": "{{ event.payload.output }}",
+        "adapter": adapter,
+        "output": output,
+        "overwrite": overwrite,
         "wait_for_output": True,
     }
     if storage_options:
         params["storage_options"] = storage_options
     return {"params": params}
+
+
+# Keys of storage options that hold credentials: they would be stored in the deployment's parameters, readable by
+# anyone who can read the deployment. Workers take credentials from their own environment instead.
+SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "credential")
+
+
+def _refuse_secrets(storage_options: dict[str, Any] | None) -> None:
+    def keys(value: Any, prefix: str = "") -> Iterator[str]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield prefix + str(key)
+                yield from keys(inner, f"{prefix}{key}.")
+
+    secret = [
+        k for k in keys(storage_options) if any(word in k.rsplit(".", 1)[-1].lower() for word in SECRET_OPTION_KEYS)
+    ]
+    if secret:
+        raise LoraMergeError(
+            f"--storage-options {', '.join(secret)}: a served deployment stores its parameters on the Prefect "
+            "server, readable by anyone who can read the deployment; give credentials to the serving process's "
+            "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) and keep only endpoints and the "
+            "like in --storage-options"
+        )
 
 
 def adapter_ready_trigger(base: str, storage_options: dict[str, Any] | None = None):
@@ -66,13 +105,14 @@ def serve(
         )
     if cron and not (adapter and output):
         raise LoraMergeError("--cron merges one adapter into one output on a schedule: give --adapter and --output")
+    _refuse_secrets(storage_options)
     schedules = []
     if cron:
-        params: dict[str, Any] = {"base": base, "adapter": adapter, "output": output, "wait_for_output": True}
-        if storage_options:
-            params["storage_options"] = storage_options
+        # The adapter at that path changes between runs: each run replaces the last one's merge (an unchanged
+        # adapter finds every shard committed and only validates again).
+        params = _params(base, adapter, output, True, storage_options)
         try:
-            schedules.append(Cron(cron, timezone="UTC", parameters={"params": params}))
+            schedules.append(Cron(cron, timezone="UTC", parameters=params))
         except ValueError as exc:
             raise LoraMergeError(f"--cron {cron!r} is not a cron expression ({exc})") from None
     lora_merge.serve(

@@ -1,6 +1,6 @@
 """The event that says an adapter is ready to merge: a training job emits it, the deployment's trigger starts a merge.
 
-lora-merge.adapter.ready   resource lora-merge.adapter.<adapter URI>   payload {adapter, output, ...}
+lora-merge.adapter.ready   resource lora-merge.adapter.<adapter URI>   payload {adapter, output, overwrite, ...}
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ ADAPTER_READY = "lora-merge.adapter.ready"
 ADAPTER_RESOURCE = "lora-merge.adapter."  # + the adapter's URI
 
 
-def announce_adapter(adapter: str, output: str, **details: Any) -> str:
+def announce_adapter(adapter: str, output: str, *, overwrite: bool = False, **details: Any) -> str:
     """Emit `lora-merge.adapter.ready` for `adapter`, to be merged into `output`, on the Prefect server at
     PREFECT_API_URL, and wait until it is sent. Returns the event's id.
+
+    The merge refuses an output that holds a merge of another adapter unless `overwrite` (an announcement of the
+    adapter already merged there finds every shard committed and only validates again).
 
     `details` (JSON values: a training run id, a step...) travel in the payload and show in the Prefect UI."""
     from prefect.events import emit_event
@@ -33,7 +36,7 @@ def announce_adapter(adapter: str, output: str, **details: Any) -> str:
     event = emit_event(
         event=ADAPTER_READY,
         resource={"prefect.resource.id": ADAPTER_RESOURCE + adapter, "prefect.resource.name": adapter},
-        payload={"adapter": adapter, "output": output, **details},
+        payload={"adapter": adapter, "output": output, "overwrite": overwrite, **details},
     )
     EventsWorker.drain_all()  # a short-lived process would otherwise exit before the websocket sends it
     if event is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seaweedfs import free_port_pairs, start_seaweedfs  # noqa: E402
+from seaweedfs import S3ServerError, free_port_pairs, remove_leftover_sockets, start_seaweedfs  # noqa: E402
 
 DEFAULT_DIR = ".lora-merge-stack"
 POOL = "lora-merge"  # the work pool deployments/prefect.yaml names
@@ -49,6 +49,7 @@ class Stack:
     env: dict[str, str]  # what a client (or a worker) needs: PREFECT_API_URL, AWS_*
     pids: dict[str, int] = field(default_factory=dict)  # component -> PID of its process group leader
     postgres_dir: str | None = None
+    s3_ports: dict[str, int] = field(default_factory=dict)  # SeaweedFS's ports: its leftover sockets are named by them
 
     def save(self) -> None:
         Path(self.root, "stack.json").write_text(json.dumps(asdict(self), indent=2))
@@ -122,9 +123,8 @@ def _as_postgres_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command]
 
 
-def _start_postgres(root: Path, port: int) -> tuple[str, str]:
-    """initdb + pg_ctl start on 127.0.0.1:port (socket in the data dir); returns (data dir, asyncpg URL)."""
-    data = root / "postgres"
+def _start_postgres(data: Path, port: int) -> str:
+    """initdb + pg_ctl start on 127.0.0.1:port (socket in the data dir) + createdb; returns the asyncpg URL."""
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -151,7 +151,7 @@ def _start_postgres(root: Path, port: int) -> tuple[str, str]:
     )
     if created.returncode != 0 and "already exists" not in created.stderr:
         raise StackError(f"createdb failed: {created.stderr.strip()}")
-    return str(data), f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    return f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
 
 
 def start_stack(
@@ -162,17 +162,20 @@ def start_stack(
     `worker_env` is added to the worker's environment (and so to every flow run it starts)."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    _refuse_a_running_stack(root)
     prefect_port, postgres_port, health_port = free_port_pairs(3)
     env = _base_env(root)
     stack = Stack(str(root), f"http://127.0.0.1:{prefect_port}/api", "", BUCKET, database, {})
     try:
         s3 = start_seaweedfs(root / "s3", start_new_session=True)
         stack.pids["seaweedfs"] = s3.process.pid
+        stack.s3_ports = s3.ports
         stack.s3_endpoint = s3.endpoint_url
         s3.make_bucket(BUCKET)
         server_env = dict(env)
         if database == "postgres":
-            stack.postgres_dir, url = _start_postgres(root, postgres_port)
+            stack.postgres_dir = str(root / "postgres")  # recorded first: a failed start is still stopped
+            url = _start_postgres(root / "postgres", postgres_port)
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
         elif database != "sqlite":
             raise StackError(f"--database {database!r}: choose sqlite or postgres")
@@ -218,6 +221,29 @@ def start_stack(
     return stack
 
 
+def _refuse_a_running_stack(root: Path) -> None:
+    try:
+        running = Stack.load(root)
+    except StackError:
+        return
+    alive = [name for name, pid in running.pids.items() if _group_alive(pid)]
+    if alive:
+        raise StackError(
+            f"a stack is already running in {root} ({', '.join(alive)}; {running.api_url}): use it, or stop it "
+            f"first with `local_stack.py stop --dir {root}`"
+        )
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop_group(pid: int) -> None:
     """SIGINT (what a Prefect worker and server shut down on), then SIGTERM, then SIGKILL, to the process group."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
@@ -243,6 +269,8 @@ def stop_stack(stack: Stack) -> None:
     for name in ("worker", "prefect-server", "seaweedfs"):
         if name in stack.pids:
             _stop_group(stack.pids.pop(name))
+    if stack.s3_ports:
+        remove_leftover_sockets(Path(stack.root, "s3"), stack.s3_ports)
     if stack.postgres_dir and Path(stack.postgres_dir, "postmaster.pid").exists():
         subprocess.run(
             _as_postgres_user([_postgres_bin("pg_ctl"), "-D", stack.postgres_dir, "-m", "fast", "-w", "stop"]),
@@ -273,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stop_stack(Stack.load(args.dir))
             print("stopped")
-    except (StackError, subprocess.CalledProcessError) as exc:
+    except (StackError, S3ServerError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None)
         print(
             f"local_stack.py: error: {exc}{': ' + detail.decode(errors='replace') if detail else ''}", file=sys.stderr

@@ -274,8 +274,12 @@ def stop_seaweedfs(server: S3Server) -> None:
     """Stop the server by its PID (SIGTERM, then SIGKILL) and remove the unix sockets it leaves."""
     if server.process is not None:
         _stop(server.process)
-    sockets = [server.data_dir.parent / "filer.sock", server.data_dir.parent / "s3.sock"]
-    _remove_sockets([*sockets, *_grpc_socket_paths(server.ports)])
+    remove_leftover_sockets(server.data_dir.parent, server.ports)
+
+
+def remove_leftover_sockets(root: Path, ports: dict[str, int]) -> None:
+    """Remove the unix sockets a stopped server started in `root` with `ports` may leave behind."""
+    _remove_sockets([root / "filer.sock", root / "s3.sock", *_grpc_socket_paths(ports)])
 
 
 def _grpc_socket_paths(ports: dict[str, int]) -> list[Path]:

@@ -4,6 +4,7 @@ YAML, an adapter-ready event, and the triggered merge on the local S3 server wit
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,17 +30,23 @@ def _deployment() -> dict:
     return deployment
 
 
-def _render(template: object, **values: object) -> object:
-    """Fill `{{ name.path }}` placeholders the way Prefect does for whole-string templates (enough for this YAML)."""
-    if isinstance(template, dict):
-        return {k: _render(v, **values) for k, v in template.items()}
-    if isinstance(template, str) and template.startswith("{{") and template.endswith("}}"):
-        path = template[2:-2].strip().split(".")
-        value = values[path[0]]
-        for part in path[1:]:
-            value = value[part]
-        return value
-    return template
+def _deployed(template: dict, monkeypatch: pytest.MonkeyPatch, **environment: str) -> dict:
+    """`template` as `prefect deploy` stores it: its {{ $VAR }} placeholders filled from the environment."""
+    from prefect.utilities.templating import apply_values
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return apply_values(copy.deepcopy(template), {}, remove_notset=False)
+
+
+def _triggered(parameters: dict, event: dict) -> dict:
+    """A deployed trigger's parameters as the Prefect server renders them for the run an event starts."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    parameters = copy.deepcopy(parameters)
+    RunDeployment._upgrade_v1_templates(parameters)
+    return hydrate(parameters, HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event}))
 
 
 # -- the YAML -----------------------------------------------------------------------------------------------------
@@ -68,20 +75,63 @@ def test_the_yaml_trigger_is_the_one_lora_merge_serve_uses():
     assert from_yaml.model_dump() == served.model_dump()
 
 
-def test_an_adapter_ready_event_renders_to_valid_merge_parameters():
+@pytest.mark.parametrize(
+    ("announced", "overwrite"),
+    [({}, False), ({"overwrite": False}, False), ({"overwrite": True}, True)],
+    ids=["another-tools-event", "announce", "announce-overwrite"],
+)
+def test_an_adapter_ready_event_renders_to_valid_merge_parameters(monkeypatch, announced, overwrite):
     (trigger,) = _deployment()["triggers"]
-    event = {"payload": {"adapter": "s3://adapters/run-7", "output": "s3://merged/run-7"}}
-    rendered = _render(trigger["parameters"], event=event, **{"$LORA_MERGE_BASE": "s3://models/base"})
-    params = MergeParameters.model_validate(rendered["params"])
-    assert (params.adapter, params.output) == ("s3://adapters/run-7", "s3://merged/run-7")
+    deployed = _deployed(trigger["parameters"], monkeypatch, LORA_MERGE_BASE="s3://models/base")
+    event = {"payload": {"adapter": "s3://adapters/run-7", "output": "s3://merged/run-7", **announced}}
+    params = MergeParameters.model_validate(_triggered(deployed, event)["params"])
+    assert (params.base, params.adapter, params.output) == (
+        "s3://models/base",
+        "s3://adapters/run-7",
+        "s3://merged/run-7",
+    )
+    assert params.overwrite is overwrite, "another adapter's merge is replaced only when the event says so"
     assert params.wait_for_output, "two events for one output queue instead of failing"
 
 
-def test_the_example_schedule_is_inactive_and_gives_complete_parameters():
+def test_the_example_schedule_is_inactive_and_replaces_last_nights_merge(monkeypatch):
     (schedule,) = _deployment()["schedules"]
     assert schedule["active"] is False
-    values = {"$LORA_MERGE_BASE": "b", "$LORA_MERGE_NIGHTLY_ADAPTER": "a", "$LORA_MERGE_NIGHTLY_OUTPUT": "o"}
-    MergeParameters.model_validate(_render(schedule["parameters"], **values)["params"])
+    environment = {"LORA_MERGE_BASE": "b", "LORA_MERGE_NIGHTLY_ADAPTER": "a", "LORA_MERGE_NIGHTLY_OUTPUT": "o"}
+    params = MergeParameters.model_validate(_deployed(schedule["parameters"], monkeypatch, **environment)["params"])
+    assert (params.base, params.adapter, params.output) == ("b", "a", "o")
+    assert params.overwrite, "the adapter at that path changes every night"
+
+
+def test_serve_gives_its_schedule_the_yaml_schedules_parameters(monkeypatch):
+    from prefect_lora_merge.flows import deployment
+
+    (schedule,) = _deployment()["schedules"]
+    environment = {"LORA_MERGE_BASE": "b", "LORA_MERGE_NIGHTLY_ADAPTER": "a", "LORA_MERGE_NIGHTLY_OUTPUT": "o"}
+    served: dict = {}
+    monkeypatch.setattr("prefect_lora_merge.flows.merge.lora_merge.serve", lambda **kwargs: served.update(kwargs))
+    with _api_url("http://127.0.0.1:9/api"):
+        deployment.serve("b", cron="0 3 * * *", adapter="a", output="o")
+    (cron,) = served["schedules"]
+    assert cron.parameters == _deployed(schedule["parameters"], monkeypatch, **environment)
+
+
+def test_serve_refuses_credentials_in_the_parameters_it_would_store(monkeypatch):
+    from prefect_lora_merge.core.errors import LoraMergeError
+    from prefect_lora_merge.flows import deployment
+
+    monkeypatch.setattr("prefect_lora_merge.flows.merge.lora_merge.serve", lambda **kwargs: None)
+    options = {"client_kwargs": {"endpoint_url": "http://s3"}, "secret": "s3cr3t"}
+    with _api_url("http://127.0.0.1:9/api"), pytest.raises(LoraMergeError, match="--storage-options secret: .*AWS_"):
+        deployment.serve("b", storage_options=options)
+    with _api_url("http://127.0.0.1:9/api"):
+        deployment.serve("b", storage_options={"client_kwargs": {"endpoint_url": "http://s3"}})
+
+
+def _api_url(url: str):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: url})
 
 
 def test_the_flow_parameter_schema_is_the_merge_parameters_model():
@@ -192,8 +242,30 @@ def _flow_runs(stack) -> list:
         return client.read_flow_runs(limit=50, sort=FlowRunSort.START_TIME_DESC)
 
 
+def _logged_at(stack, run, message: str):
+    """When `run` first logged a line starting with `message` (its last logs may reach the server after its final
+    state: they are sent in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + 60
+    while True:
+        with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200)
+        times = [log.timestamp for log in logs if log.message.startswith(message)]
+        if times:
+            return min(times)
+        assert time.monotonic() < deadline, f"flow run {run.name} logged no '{message}'"
+        time.sleep(1)
+
+
 @pytest.mark.slow
 def test_an_adapter_ready_event_starts_a_deployed_merge_on_s3_that_validates(stack, llama_case, tmp_path):
+    from local_stack import StackError, start_stack
+
+    with pytest.raises(StackError, match="already running in .*local_stack.py stop"):
+        start_stack(stack.root)
     fs = _s3(stack)
     fs.put(f"{llama_case.base_dir}/", f"{stack.bucket}/models/base/", recursive=True)
     fs.put(f"{llama_case.adapter_dir}/", f"{stack.bucket}/adapters/run-1/", recursive=True)
@@ -234,6 +306,10 @@ def test_an_adapter_ready_event_starts_a_deployed_merge_on_s3_that_validates(sta
     for run in runs:
         assert run.parameters["params"]["adapter"] == f"s3://{stack.bucket}/adapters/run-1", "taken from the event"
         assert run.parameters["params"]["output"] == output
+    first, second = sorted(
+        (_logged_at(stack, run, "took the slot"), _logged_at(stack, run, "released the slot")) for run in runs
+    )
+    assert first[1] <= second[0], "one run on the output at a time: the second took the output's slot after the first"
 
     report = json.loads(fs.cat_file(f"{stack.bucket}/merged/run-1/{REPORT_FILE}"))
     assert report["passed"] and report["checks"]["tensors recomputed"] > 0

@@ -122,7 +122,9 @@ def test_plan_writes_the_cluster_files_sized_from_its_estimate(plan, llama_case,
         + ["--output", str(tmp_path / "merged"), "--device", "cpu", "--kubernetes", str(out)]
         + ["--image", "registry.example/lora-merge:1", "--dask-workers", "3", "--gpu"]
     )
-    assert code == 0 and "dry run" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert code == 0 and "dry run" in printed.out
+    assert "need PREFECT_API_URL" in printed.err, "without --prefect-api-url the workers would not report"
     assert not (tmp_path / "merged").exists(), "planning writes nothing to the output"
     variables = json.loads((out / "job-variables.json").read_text())
     assert variables == job_variables(merge_pod(plan.estimated_peak_bytes, 1, gpus=1), "registry.example/lora-merge:1")
@@ -133,6 +135,24 @@ def test_plan_writes_the_cluster_files_sized_from_its_estimate(plan, llama_case,
     assert worker["replicas"] == 3
     assert f"MEMORY={plan.estimated_peak_bytes} GPU=1" in container["args"], "what --runner dask places shards by"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_plan_json_keeps_stdout_to_the_plan_and_sets_the_workers_prefect_api(llama_case, tmp_path, capsys):
+    out = tmp_path / "k8s"
+    api = "http://prefect-server.prefect:4200/api"
+    code = main(
+        ["plan", "--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir), "--json"]
+        + ["--output", str(tmp_path / "merged"), "--device", "cpu", "--kubernetes", str(out)]
+        + ["--image", "registry.example/lora-merge:1", "--prefect-api-url", api]
+    )
+    printed = capsys.readouterr()
+    assert code == 0 and json.loads(printed.out)["summary"]["shards"] >= 1, "stdout holds the JSON plan alone"
+    assert "wrote" in printed.err and "need PREFECT_API_URL" not in printed.err
+    cluster = yaml.safe_load((out / "dask-cluster.yaml").read_text())
+    _check_dask_cluster(cluster)
+    (container,) = cluster["spec"]["worker"]["spec"]["containers"]
+    assert {"name": "PREFECT_API_URL", "value": api} in container["env"]
+    assert json.loads((out / "job-variables.json").read_text())["env"] == {"PREFECT_API_URL": api}
 
 
 def test_the_example_dask_cluster_in_infra_is_a_valid_daskcluster():

@@ -14,6 +14,7 @@ from prefect_lora_merge.core.errors import LoraMergeError
 if TYPE_CHECKING:  # the CLI imports torch-backed modules only when a command needs them
     from prefect_lora_merge.core.options import MergeParameters
     from prefect_lora_merge.core.recompute import TensorNumbers
+    from prefect_lora_merge.flows.merge import MergeSummary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--wait-for-output",
         action="store_true",
-        help="if another run is writing the same output, wait for it (a Prefect concurrency limit of one run per "
-        "output) instead of failing",
+        help="if another run is writing the same output, wait for it to finish (a Prefect concurrency limit of one "
+        "run per output, then the output's lease) instead of failing",
     )
     run.add_argument(
         "--fp8-min-cosine",
@@ -131,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
         "--dask-workers", type=_positive, default=4, metavar="N", help="with --kubernetes: Dask workers (default: 4)"
     )
     plan.add_argument("--gpu", action="store_true", help="with --kubernetes: one GPU per job and per Dask worker")
+    plan.add_argument(
+        "--prefect-api-url",
+        metavar="URL",
+        help="with --kubernetes: the Prefect API the Dask workers (and the job) report to, as the cluster reaches it",
+    )
     plan.set_defaults(handler=_plan)
 
     validate = sub.add_parser("validate", help="check a merged output (against base + adapter when given)")
@@ -158,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="lora-merge", help="the deployment's name (default: lora-merge)")
     serve.add_argument("--cron", help='also merge --adapter into --output on this UTC schedule, like "0 3 * * *"')
     serve.add_argument("--adapter", help="with --cron: the adapter to merge (a path the training job overwrites)")
-    serve.add_argument("--output", help="with --cron: where its merge goes")
+    serve.add_argument("--output", help="with --cron: where its merge goes (each run replaces the last one's)")
     serve.add_argument("--limit", type=_positive, help="merges this process runs at once (default: no limit)")
     serve.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON for every merge it runs")
     serve.add_argument("--verbose", action="store_true", help="show full tracebacks")
@@ -171,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     announce.add_argument("--adapter", required=True, help="the adapter's URI, as the merge workers reach it")
     announce.add_argument("--output", required=True, help="where its merge goes")
+    announce.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the output may hold a merge of another adapter: replace it (else that merge is refused)",
+    )
     announce.add_argument("--verbose", action="store_true", help="show full tracebacks")
     announce.set_defaults(handler=_announce)
 
@@ -249,7 +260,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         print(
             f"merged {summary.shards} shard(s){resumed}, {summary.tensors_touched} tensor(s) changed, "
             f"{_size(summary.bytes_written)} written{copied} in {summary.seconds:.1f} s -> {summary.output} "
-            f"({summary.workers} shard(s) at once, {summary.compute_threads} compute thread(s) each)"
+            f"({_where(summary)})"
         )
         merging = max(summary.seconds - summary.validation_seconds, 1e-9)
         print(
@@ -337,6 +348,16 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     return 0
 
 
+def _where(summary: MergeSummary) -> str:
+    threads = (
+        f"{summary.compute_threads} compute thread(s) each"
+        if summary.compute_threads
+        else "each Dask worker's own compute threads"
+    )
+    on = " on Dask" if summary.runner == "dask" else ""
+    return f"{summary.workers} shard(s) at once{on}, {threads}"
+
+
 def _write_kubernetes(args: argparse.Namespace, peak_per_shard: int) -> None:
     from pathlib import Path
 
@@ -348,16 +369,24 @@ def _write_kubernetes(args: argparse.Namespace, peak_per_shard: int) -> None:
         raise LoraMergeError("--kubernetes needs --image: an image with prefect-lora-merge[s3,dask] installed")
     directory = Path(args.kubernetes)
     directory.mkdir(parents=True, exist_ok=True)
+    env = {"PREFECT_API_URL": args.prefect_api_url} if args.prefect_api_url else None
     pod = merge_pod(peak_per_shard, args.shards_at_once, gpus=1 if args.gpu else 0)
-    variables = job_variables(pod, args.image)
+    variables = job_variables(pod, args.image, env)
     (directory / "job-variables.json").write_text(json.dumps(variables, indent=2) + "\n")
-    cluster = dask_cluster("lora-merge", args.image, args.dask_workers, peak_per_shard, gpu=args.gpu)
+    cluster = dask_cluster("lora-merge", args.image, args.dask_workers, peak_per_shard, gpu=args.gpu, env=env)
     (directory / "dask-cluster.yaml").write_text(yaml.safe_dump(cluster, sort_keys=False))
-    print(
+    print(  # stderr: with --json, stdout holds the plan alone
         f"wrote {directory / 'job-variables.json'} (a job of {pod.memory}, {pod.cpu} CPUs, {pod.gpus} GPU) and "
         f"{directory / 'dask-cluster.yaml'} ({args.dask_workers} Dask workers of "
-        f"{_size(peak_per_shard)} per shard each); see infra/README.md"
+        f"{_size(peak_per_shard)} per shard each); see infra/README.md",
+        file=sys.stderr,
     )
+    if env is None:
+        print(
+            "note: the Dask workers need PREFECT_API_URL (the Prefect server the flow reports to; else each starts "
+            "a server of its own): give --prefect-api-url, or add it to dask-cluster.yaml's worker env",
+            file=sys.stderr,
+        )
 
 
 def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
@@ -432,9 +461,14 @@ def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 
 
 def _announce(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    import logging
+
     from prefect_lora_merge.flows.events import announce_adapter
 
-    event = announce_adapter(args.adapter, args.output)
+    if not args.verbose:  # "Still processing items: 1" while the event is sent: this command reports that itself
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+
+    event = announce_adapter(args.adapter, args.output, overwrite=args.overwrite)
     print(f"announced {args.adapter} -> {args.output} (event {event})")
     return 0
 
