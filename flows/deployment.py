@@ -14,17 +14,17 @@ WORK_POOL = "lora-merge"
 TRIGGER = "adapter-ready"
 
 
-def trigger_parameters(base: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The flow's `params` for a run an adapter-ready event starts: the adapter and the output from the event, the
-    base fixed, and runs on one output queued one after another."""
-    return _params(base, ADAPTER_FROM_EVENT, OUTPUT_FROM_EVENT, OVERWRITE_FROM_EVENT, storage_options)
-
-
 # What a run the trigger starts takes from the event (announce_adapter's payload). An event without `overwrite`
 # (emitted by other tools) does not replace another adapter's merge.
 ADAPTER_FROM_EVENT = "{{ event.payload.adapter }}"
 OUTPUT_FROM_EVENT = "{{ event.payload.output }}"
 OVERWRITE_FROM_EVENT = "{{ event.payload.overwrite | default(false) }}"
+
+
+def trigger_parameters(base: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flow's `params` for a run an adapter-ready event starts: the adapter and the output from the event, the
+    base fixed, and runs on one output queued one after another."""
+    return _params(base, ADAPTER_FROM_EVENT, OUTPUT_FROM_EVENT, OVERWRITE_FROM_EVENT, storage_options)
 
 
 def _params(
@@ -48,15 +48,14 @@ SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "credential")
 
 
 def _refuse_secrets(storage_options: dict[str, Any] | None) -> None:
-    def keys(value: Any, prefix: str = "") -> Iterator[str]:
+    def keys(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+        """(dotted path, key) of every key, nested ones included."""
         if isinstance(value, dict):
             for key, inner in value.items():
-                yield prefix + str(key)
+                yield prefix + str(key), str(key).lower()
                 yield from keys(inner, f"{prefix}{key}.")
 
-    secret = [
-        k for k in keys(storage_options) if any(word in k.rsplit(".", 1)[-1].lower() for word in SECRET_OPTION_KEYS)
-    ]
+    secret = [path for path, key in keys(storage_options) if any(word in key for word in SECRET_OPTION_KEYS)]
     if secret:
         raise LoraMergeError(
             f"--storage-options {', '.join(secret)}: a served deployment stores its parameters on the Prefect "

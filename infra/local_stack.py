@@ -174,8 +174,9 @@ def start_stack(
         s3.make_bucket(BUCKET)
         server_env = dict(env)
         if database == "postgres":
-            stack.postgres_dir = str(root / "postgres")  # recorded first: a failed start is still stopped
-            url = _start_postgres(root / "postgres", postgres_port)
+            data = root / "postgres"
+            stack.postgres_dir = str(data)  # recorded first: a failed start is still stopped
+            url = _start_postgres(data, postgres_port)
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
         elif database != "sqlite":
             raise StackError(f"--database {database!r}: choose sqlite or postgres")
@@ -257,9 +258,7 @@ def _stop_group(pid: int) -> None:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
+            if not _group_alive(pid):
                 return
             time.sleep(0.2)
 
