@@ -73,7 +73,18 @@ class Output:
         return [u["Key"] for u in uploads if u["Key"].startswith(self.prefix)]
 
 
-def _cli(case, output: str, prefect_home: Path, *, api_url=None, s3=None, kill_at=None, pause_marker=None, wait=True):
+def _cli(
+    case,
+    output: str,
+    prefect_home: Path,
+    *,
+    api_url=None,
+    s3=None,
+    kill_at=None,
+    pause_marker=None,
+    wait=True,
+    device="cpu",
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(prefect_home),
@@ -89,7 +100,7 @@ def _cli(case, output: str, prefect_home: Path, *, api_url=None, s3=None, kill_a
         env["LORA_MERGE_PAUSE_MARKER"] = str(pause_marker or "")
         env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN), env.get("PYTHONPATH", "")])
     command = [
-        *(sys.executable, "-m", "prefect_lora_merge.cli", "run", "--json", "--device", "cpu", "--workers", "1"),
+        *(sys.executable, "-m", "prefect_lora_merge.cli", "run", "--json", "--device", device, "--workers", "1"),
         *("--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "--output", output),
     ]
     if not wait:
@@ -116,7 +127,13 @@ def test_kill_9_then_rerun_on_a_fresh_prefect_database_gives_identical_output(
     killed = _cli(llama_case, out.uri, tmp_path / "prefect-1", api_url=PREFECT_API_URL.value(), s3=s3, kill_at=kill_at)
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert "lora-merge-manifest.json" not in out.files(), "a killed run never looks finished"
-    committed = sorted(name.removesuffix(".json") for name in out.files(".lora-merge/shards"))
+    # Shards committed with a sha256 are resumed; a shard the storage copied server-side has none until validation
+    # takes it, so it proves nothing and the storage copies it again (no bytes through the tool either way).
+    records = {
+        name.removesuffix(".json"): json.loads(out.read(f".lora-merge/shards/{name}"))
+        for name in out.files(".lora-merge/shards")
+    }
+    committed = sorted(name for name, record in records.items() if record["sha256"])
     shards = sorted(p.name for p in llama_case.base_dir.glob("*.safetensors"))
     for name in set(shards) & set(out.files()):  # whatever is under a shard's final name is whole
         assert out.read(name) == (reference / name).read_bytes(), name
@@ -129,6 +146,40 @@ def test_kill_9_then_rerun_on_a_fresh_prefect_database_gives_identical_output(
     assert sorted(summary["merged_shards"] + summary["resumed_shards"]) == shards
     assert out.published() == _published(reference)
     assert out.leftovers() == [], "no partial file or orphaned multipart upload is left behind"
+
+
+def _killed_between_shards(case, out: Path, prefect_home: Path, device: str) -> list[str]:
+    """A `lora-merge run --device DEVICE` killed after its second shard; the shards it committed."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    killed = _cli(case, str(out), prefect_home, api_url=api, kill_at="between-shards", device=device)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    committed = sorted(p.name.removesuffix(".json") for p in (out / ".lora-merge" / "shards").iterdir())
+    assert len(committed) == 2
+    return committed
+
+
+def test_a_merge_killed_on_one_device_resumes_on_another(llama_case, reference, tmp_path):
+    out = tmp_path / "merged"
+    committed = _killed_between_shards(llama_case, out, tmp_path / "prefect-1", "cpu")
+
+    rerun = _cli(llama_case, str(out), tmp_path / "prefect-2", device="auto")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_shards"] == committed, "the device is not part of the merge's identity"
+    assert Output(tmp_path).published() == _published(reference)
+
+
+def test_a_merge_started_by_the_flow_is_finished_by_merge_checkpoint(llama_case, reference, tmp_path):
+    out = tmp_path / "merged"
+    committed = _killed_between_shards(llama_case, out, tmp_path / "prefect-1", "auto")  # the CLI's default
+
+    result = merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(out))
+
+    assert result.report.passed
+    assert sorted(r.file for r in result.receipts if r.resumed) == committed
+    assert Output(tmp_path).published() == _published(reference)
 
 
 def test_of_two_concurrent_runs_on_one_output_only_one_writes(llama_case, tmp_path):

@@ -7,7 +7,6 @@ written, listing every offending key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -19,12 +18,11 @@ from pydantic import BaseModel, ConfigDict
 
 from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
 from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
+from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
 from .fp8 import scale_grid_shape
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
-# Bump whenever the bytes a merge writes for the same inputs could change: it is part of the plan fingerprint.
-ALGORITHM_VERSION = "1"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -84,6 +82,7 @@ TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "aria_text", "open
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what a touched tensor may be
 MANIFEST_FILE = "lora-merge-manifest.json"
 REPORT_FILE = "lora-merge-report.json"  # the last validation's report, beside the manifest (not listed in it)
+OWN_FILES = (MANIFEST_FILE, REPORT_FILE)  # this tool's files at the top of an output: never copied as side files
 
 
 class Update(BaseModel):
@@ -341,7 +340,8 @@ def make_plan(
     files, weight_map, index_metadata, has_index = _base_layout(base_loc)
     headers, versions = _read_headers(base_loc, files)
     _check_index(base_loc, headers, weight_map)
-    config = base_loc.read_json("config.json") if base_loc.exists("config.json") else {}
+    config_bytes = base_loc.read_bytes("config.json") if base_loc.exists("config.json") else None
+    config = _parse_config(base_loc, config_bytes)
     adapter_index = load_adapter_index(adapter_loc)
 
     catalog = {t.name: t for h in headers for t in h.tensors}
@@ -401,8 +401,28 @@ def make_plan(
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )
-    fingerprint = _fingerprint(plan, headers)
+    fingerprint = merge_fingerprint(
+        base_headers=headers,
+        base_versions=versions,
+        base_config=config_bytes,
+        adapter=adapter_index,
+        output_dtype=mode,
+    )
     return plan.model_copy(update={"job": job.model_copy(update={"fingerprint": fingerprint})})
+
+
+def _parse_config(base: Location, data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(
+            f"{base.describe('config.json')} is not valid JSON ({exc}); fix or replace it"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{base.describe('config.json')} is not a JSON object; fix or replace it")
+    return config
 
 
 # -- FP8 block-quantized bases -----------------------------------------------------------------------------------
@@ -501,9 +521,10 @@ def _fp8_roles(fp8: dict[str, BlockFp8], updates: dict[str, list[Update]], mode:
 
 
 def _is_extra_file(name: str) -> bool:
-    """Files of the base that go to the output unchanged: not weights, not hidden, not a previous merge's
-    manifest (a base may itself be a merged output)."""
-    if name.startswith(".") or name == MANIFEST_FILE:
+    """Files of the base that go to the output unchanged: not weights, not hidden (the state directory among
+    them), never this tool's own files (a base may itself be a merged output: its manifest and report describe
+    that merge, not this one)."""
+    if name.startswith(".") or name in OWN_FILES:
         return False
     return not (name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIXES))
 
@@ -567,16 +588,6 @@ def _check_index(base: Location, headers: list[ShardHeader], weight_map: dict[st
             + "; ".join(problems[:5])
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         )
-
-
-def _fingerprint(plan: MergePlan, headers: list[ShardHeader]) -> str:
-    digest = hashlib.sha256()
-    digest.update(ALGORITHM_VERSION.encode())
-    body = plan.model_dump(mode="json", exclude={"job": {"fingerprint", "output"}})
-    body["job"]["base"] = plan.job.base.uri
-    body["job"]["adapter"]["location"] = plan.job.adapter.location.uri
-    digest.update(json.dumps(body, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 # -- resolving names ------------------------------------------------------------------------------------------
