@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import shutil
@@ -83,7 +84,8 @@ def test_output_holding_another_merge_is_refused_unless_overwrite(llama_case, tm
     assert (out / "lora-merge-manifest.json").read_bytes() == first_manifest, "a refused run must leave it as it was"
     (out / "stale-from-the-old-merge.safetensors").write_bytes(b"x")
     manifest = json.loads((out / "lora-merge-manifest.json").read_text())
-    manifest["files"]["stale-from-the-old-merge.safetensors"] = {"bytes": 1, "sha256": "0" * 64}
+    # The replaced merge wrote it: its manifest records its size and sha256 (the proof the tool needs to delete it).
+    manifest["files"]["stale-from-the-old-merge.safetensors"] = {"bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
     (out / "lora-merge-manifest.json").write_text(json.dumps(manifest))
     assert run_merge(_params(llama_case, out, adapter=str(other), overwrite=True)).validation_passed
     assert not (out / "stale-from-the-old-merge.safetensors").exists(), "files of the replaced merge are removed"

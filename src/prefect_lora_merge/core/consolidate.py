@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .errors import LoraMergeError
 from .plan import ALGORITHM_VERSION, INDEX_FILE, MANIFEST_FILE, MergePlan
-from .state import ShardReceipt, ShardRecord
+from .state import ShardReceipt, ShardRecord, discard_partial_writes
 from .storage import Location
 
 TOOL_NAME = "prefect-lora-merge"
@@ -80,7 +80,7 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
             )
     # Every shard is committed, so a partial write still here was left by a writer that died mid-shard (a killed
     # Dask worker, whose shard ran again elsewhere): nothing will finish it.
-    output.discard_partial_writes()
+    discard_partial_writes(output)
 
     files: dict[str, FileRecord] = {r.file: FileRecord(bytes=r.bytes, sha256=r.sha256) for r in receipts}
     weight_map = {t.name: s.file for s in plan.shards for t in s.written}

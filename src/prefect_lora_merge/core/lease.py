@@ -37,7 +37,10 @@ class Lease(BaseModel):
             return -1
 
     def describe(self) -> str:
-        until = datetime.fromtimestamp(self.expires, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        try:
+            until = datetime.fromtimestamp(self.expires, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        except (OverflowError, OSError, ValueError):  # a lease file this tool did not write
+            until = f"{self.expires!r}, not a time"
         return f"{self.holder} (lease valid until {until})"
 
 
@@ -54,7 +57,7 @@ def _stale(lease: Lease, now: float) -> bool:
             os.kill(lease.pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:
+        except (PermissionError, OverflowError, OSError):  # someone else's process, or no pid this host can have
             return False
     return False
 
@@ -145,3 +148,4 @@ def output_lease(
         current = _read(output)
         if current is not None and current.holder == holder:
             output.remove(LEASE_FILE)
+            output.remove_empty_directory(LEASE_FILE.rpartition("/")[0])  # a refused run leaves nothing behind

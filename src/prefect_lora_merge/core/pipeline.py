@@ -16,7 +16,7 @@ from .lease import output_lease
 from .merge import merge_or_resume_shard
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
 from .resources import choose_parallelism, parse_size
-from .state import ShardReceipt, claim_output
+from .state import ShardReceipt, claim_output, write_record
 from .validate import ValidationReport, validate_output
 
 
@@ -69,5 +69,11 @@ def finish_validation(plan: MergePlan, manifest: Manifest) -> tuple[ValidationRe
     if not report.passed:
         raise ValidationFailed(report.failures)
     published = with_checksums(manifest, report.checksums_taken)
+    # Shards the storage copied server-side have records without a sha256 until now: give them the one just
+    # taken, so a later run can prove them whole and resume them (a record without one is copied again).
+    hashed = {r.file for r in manifest.shards if r.sha256 is None}
+    for record in published.shards:
+        if record.file in hashed:
+            write_record(plan.job.output, record)
     publish_manifest(plan.job.output, published)
     return report, published

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 from pydantic import BaseModel
 
 from .errors import LoraMergeError, OutputLocationError
 from .fp8 import DeltaSurvival
-from .plan import INDEX_FILE, MANIFEST_FILE, REPORT_FILE, MergeJob, MergePlan, ShardPlan
-from .storage import Location
+from .lease import LEASE_FILE
+from .plan import INDEX_FILE, MANIFEST_FILE, OWN_FILES, REPORT_FILE, MergeJob, MergePlan, ShardPlan, update_keys
+from .storage import PARTIAL_WRITE, Location, safe_name
 
 STATE_DIR = ".lora-merge"
 RUN_FILE = f"{STATE_DIR}/run.json"
+SHARDS_DIR = f"{STATE_DIR}/shards"
+STATE_DIRECTORIES = ("", STATE_DIR, SHARDS_DIR)  # where this tool writes: where a crashed write can leave a partial
 
 
 class ShardRecord(BaseModel):
@@ -53,50 +57,87 @@ class ShardReceipt(ShardRecord):
 
 
 def record_name(shard_file: str) -> str:
-    return f"{STATE_DIR}/shards/{shard_file}.json"
+    return f"{SHARDS_DIR}/{shard_file}.json"
 
 
 def write_record(output: Location, record: ShardRecord) -> None:
     output.write_bytes(record_name(record.file), record.model_dump_json(indent=2).encode())
 
 
+def expected_applied(shard: ShardPlan) -> Counter[str]:
+    """The adapter keys a merge of `shard` applies, each as often as it applies it."""
+    return Counter(k for t in shard.tensors for u in t.updates for k in update_keys(u))
+
+
 def committed_record(job: MergeJob, shard: ShardPlan) -> ShardRecord | None:
-    """The record of this shard from an earlier run of the same merge, if its object is still there, whole."""
+    """The record of this shard from an earlier run of the same merge, if the object under the shard's name is
+    still exactly what the record says (size and sha256: read whole) and the record says what this plan would.
+
+    Records and objects are input like any other (damaged, tampered with, or the object corrupted after the run):
+    anything that does not match makes the shard merge again, replacing the object. A record without a sha256 (a
+    shard the storage copied server-side) proves nothing about the bytes: the storage copies it again."""
     output = job.output
     name = record_name(shard.file)
-    if not output.exists(name):
+    if not output.exists(name) or output.is_link(name):
         return None
     try:
         record = ShardRecord.model_validate_json(output.read_bytes(name))
     except (LoraMergeError, ValueError):
         return None  # unreadable record: merge the shard again
-    if record.fingerprint != job.fingerprint or not output.exists(shard.file):
+    if (
+        record.fingerprint != job.fingerprint
+        or record.file != shard.file
+        or record.tensors != len(shard.tensors)
+        or record.touched != [t.name for t in shard.touched]
+        or Counter(record.applied) != expected_applied(shard)
+        or record.sha256 is None
+        or not output.exists(shard.file)
+        or output.is_link(shard.file)
+        or output.size(shard.file) != record.bytes
+    ):
         return None
-    return record if output.size(shard.file) == record.bytes else None
+    return record if output.sha256(shard.file) == record.sha256 else None
 
 
 def claim_output(plan: MergePlan, *, overwrite: bool = False) -> None:
-    """Make the output this merge's: refuse one that holds another merge (unless `overwrite`), withdraw the
-    manifest of a finished run before anything is rewritten, and record this merge's fingerprint."""
+    """Make the output this merge's: refuse one that holds another merge, or files that are not a merge of this
+    tool at all (unless `overwrite`), withdraw the manifest of a finished run before anything is rewritten, and
+    record this merge's fingerprint. Call it holding the output's lease."""
     output = plan.job.output
+    for directory in (STATE_DIR, SHARDS_DIR):
+        output.writable_path(directory, itself=True)  # refuses a link (into the base, say) before any write
     previous = _previous_fingerprint(output)
-    if previous is not None and previous != plan.fingerprint:
+    if previous is None:
+        foreign = _foreign_entries(output)
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:5]) + (f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else "")
+            raise OutputLocationError(
+                f"{output.uri} is not empty and holds no merge of this tool ({shown}); choose an empty or new "
+                "--output, or pass --overwrite to write the merge into it (files it does not write are kept)"
+            )
+    elif previous != plan.fingerprint:
         if not overwrite:
             raise OutputLocationError(
                 f"{output.uri} already holds a merge of other inputs (fingerprint {previous[:12]}, this merge "
                 f"{plan.fingerprint[:12]}); pass --overwrite to replace it or choose another --output"
             )
         _remove_other_merge(plan)
-    output.discard_partial_writes()
+    discard_partial_writes(output)
     output.remove(MANIFEST_FILE)
     output.remove(REPORT_FILE)  # it describes an earlier run
     if previous != plan.fingerprint:
         output.write_bytes(RUN_FILE, json.dumps({"fingerprint": plan.fingerprint, "started": time.time()}).encode())
 
 
+def discard_partial_writes(output: Location) -> int:
+    """Remove what crashed writes left wherever this tool writes in the output, except a write of the lease in
+    progress (the lease's renewal runs beside the merge)."""
+    return output.discard_partial_writes(STATE_DIRECTORIES, keep=(LEASE_FILE,))
+
+
 def _previous_fingerprint(output: Location) -> str | None:
     for name in (RUN_FILE, MANIFEST_FILE):
-        if output.exists(name):
+        if output.exists(name) and not output.is_link(name):
             try:
                 value = output.read_json(name)
             except LoraMergeError:
@@ -106,15 +147,61 @@ def _previous_fingerprint(output: Location) -> str | None:
     return None
 
 
+def _foreign_entries(output: Location) -> list[str]:
+    """What the output holds besides this run's own lease (and the partial writes of this tool, removed next)."""
+    found = []
+    for entry in output.list_entries():
+        if entry == STATE_DIR and not output.is_link(STATE_DIR):
+            found += [
+                f"{STATE_DIR}/{e}"
+                for e in output.list_entries(STATE_DIR)
+                if f"{STATE_DIR}/{e}" != LEASE_FILE and not PARTIAL_WRITE.match(e)
+            ]
+        elif not PARTIAL_WRITE.match(entry):
+            found.append(entry)
+    return found
+
+
 def _remove_other_merge(plan: MergePlan) -> None:
-    """--overwrite: drop the other merge's state and the files it wrote that this merge will not rewrite."""
+    """--overwrite of another merge: drop that merge's shard records and run file, and the files it wrote that this
+    merge will not rewrite. A file is removed only where that merge's manifest or a shard record names it, inside
+    the output, and its size and sha256 are the ones recorded: proof that this tool wrote it. The lease (this run's)
+    stays."""
     output = plan.job.output
-    ours = {s.file for s in plan.shards} | set(plan.extra_files) | {INDEX_FILE}
-    if output.exists(MANIFEST_FILE):
-        try:
-            listed = output.read_json(MANIFEST_FILE).get("files", {})
-        except (LoraMergeError, AttributeError):
-            listed = {}
-        for name in sorted(set(listed) - ours):
+    ours = {s.file for s in plan.shards} | set(plan.extra_files) | {INDEX_FILE, *OWN_FILES}
+    written: dict[str, tuple[int, str | None]] = {}
+    for record in _records(output):
+        written[record.file] = (record.bytes, record.sha256)
+    try:
+        listed = output.read_json(MANIFEST_FILE).get("files", {}) if output.exists(MANIFEST_FILE) else {}
+    except (LoraMergeError, AttributeError):
+        listed = {}
+    if isinstance(listed, dict):
+        for name, entry in listed.items():
+            if isinstance(entry, dict):
+                written.setdefault(name, (entry.get("bytes"), entry.get("sha256")))
+    for name, (size, sha) in sorted(written.items()):
+        if name in ours or not safe_name(name) or name.startswith(STATE_DIR + "/") or not isinstance(sha, str):
+            continue
+        if not output.exists(name) or output.is_link(name) or output.fs.isdir(output.path(name)):
+            continue
+        if output.size(name) == size and output.sha256(name) == sha:
             output.remove(name)
-    output.remove_tree(STATE_DIR)
+    for entry in output.list_entries(SHARDS_DIR):
+        if entry.endswith(".json"):
+            output.remove(f"{SHARDS_DIR}/{entry}")
+    output.remove(RUN_FILE)
+
+
+def _records(output: Location) -> list[ShardRecord]:
+    """The readable shard records under the output (of whichever merge wrote them)."""
+    records = []
+    for entry in output.list_entries(SHARDS_DIR):
+        name = f"{SHARDS_DIR}/{entry}"
+        if not entry.endswith(".json") or output.is_link(name):
+            continue
+        try:
+            records.append(ShardRecord.model_validate_json(output.read_bytes(name)))
+        except (LoraMergeError, ValueError):
+            continue
+    return records

@@ -7,9 +7,11 @@ is made atomic, how a copy avoids the client) stay inside this module.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -33,6 +35,22 @@ PIECE_BYTES = 8 * 1024 * 1024
 READ_AHEAD_BYTES = 4 * PIECE_BYTES
 WRITE_BEHIND_BYTES = 4 * PIECE_BYTES
 POOLED_BYTES = 8 * PIECE_BYTES
+
+
+# What `atomic_writer` names a write in progress (locally and on memory://): `.<name>.partial-<32 hex digits>`, a
+# sibling of its target. Only names of exactly this form are ever removed as leftovers of a crashed write.
+PARTIAL_WRITE = re.compile(r"^\.(?P<name>.+)\.partial-[0-9a-f]{32}$")
+
+
+def _partial_name(target: str) -> str:
+    return posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.partial-{uuid.uuid4().hex}")
+
+
+def safe_name(name: object) -> bool:
+    """A relative name strictly inside a location: no absolute path, no URI, no `..`, `.` or empty component."""
+    if not isinstance(name, str) or not name or "\0" in name or "://" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
@@ -123,7 +141,37 @@ class Location:
         return isinstance(self.fs, LocalFileSystem)
 
     def path(self, name: str) -> str:
+        """The backend path of `name`, which must lie strictly inside this location (names can come from files an
+        attacker or a damaged run wrote: an index, a manifest)."""
+        if not safe_name(name):
+            raise LoraMergeError(
+                f"{name!r} is not a file name inside {self.uri} (an absolute path, a URI, or a '..' component): "
+                "this tool reads and writes only inside its locations; fix the file that names it"
+            )
         return posixpath.join(self.root, name)
+
+    def writable_path(self, name: str, *, itself: bool = False) -> str:
+        """The path of `name` for a write or a removal, checked not to pass through a symbolic link inside this
+        location (one pointing into the base, say): the tool never writes or deletes through a link. With `itself`,
+        `name` may not be a link either."""
+        target = self.path(name)
+        if not self.is_local:
+            return target
+        parts = name.split("/")
+        current = self.root
+        for part in parts if itself else parts[:-1]:
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                raise OutputLocationError(
+                    f"{self.describe(os.path.relpath(current, self.root))} is a symbolic link (to "
+                    f"{os.readlink(current)}): this tool never writes or deletes through a link; remove the link, or "
+                    "choose another location"
+                )
+        return target
+
+    def is_link(self, name: str) -> bool:
+        """A symbolic link (locally; other backends have none)."""
+        return self.is_local and os.path.islink(self.path(name))
 
     def describe(self, name: str) -> str:
         """The name of a file as the user would write it, for messages."""
@@ -157,6 +205,26 @@ class Location:
             return []
         names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file"]
         return sorted(names)
+
+    def list_entries(self, name: str | None = None) -> list[str]:
+        """Names of the files and directories directly under this location (or its subdirectory `name`), sorted."""
+        where = self.root if name is None else self.path(name)
+        try:
+            entries = self.fs.ls(where, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
+
+    def sha256(self, name: str, chunk_bytes: int = 2 * PIECE_BYTES) -> str:
+        """sha256 of a whole file, read through one reused buffer of `chunk_bytes`."""
+        size = self.size(name)
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(min(size, chunk_bytes)))
+        for start in range(0, size, chunk_bytes):
+            chunk = buffer[: min(size, start + chunk_bytes) - start]
+            self.read_into(name, start, chunk)
+            digest.update(chunk)
+        return digest.hexdigest()
 
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes [start, end) of a file; the whole file without a range. A short read is an error, not data."""
@@ -215,10 +283,10 @@ class Location:
         files go to a hidden sibling then `os.replace` (a rename on one filesystem, never a cross-device copy);
         other backends write with `autocommit=False` and `commit()` / `discard()`.
         """
-        fs, target = self.fs, self.path(name)
+        fs, target = self.fs, self.writable_path(name)
         if isinstance(fs, LocalFileSystem):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            temp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial-{uuid.uuid4().hex}")
+            temp = _partial_name(target)
             try:
                 with open(temp, "wb") as handle:
                     yield handle
@@ -234,9 +302,7 @@ class Location:
             return
         if isinstance(fs, MemoryFileSystem):
             # memory:// commits on open whatever autocommit says; a hidden sibling plus a move is atomic there.
-            temp = posixpath.join(
-                posixpath.dirname(target), f".{posixpath.basename(target)}.partial-{uuid.uuid4().hex}"
-            )
+            temp = _partial_name(target)
             try:
                 with fs.open(temp, "wb") as handle:
                     yield handle
@@ -286,7 +352,7 @@ class Location:
         """
         if not self.shares_filesystem_with(source):
             return False
-        fs, src, target = self.fs, source.path(name), self.path(name)
+        fs, src, target = self.fs, source.path(name), self.writable_path(name)
         if isinstance(fs, LocalFileSystem):
             with self.atomic_writer(name) as handle:  # hidden sibling, fsync, rename; removed on any failure
                 _kernel_copy(src, handle)
@@ -308,7 +374,7 @@ class Location:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create `name` holding `data` only if it does not exist (O_EXCL locally, If-None-Match on S3).
         Returns False when it already exists."""
-        fs, target = self.fs, self.path(name)
+        fs, target = self.fs, self.writable_path(name, itself=True)
         if isinstance(fs, LocalFileSystem):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
@@ -337,20 +403,29 @@ class Location:
             raise
         return True
 
-    def discard_partial_writes(self) -> int:
-        """Remove what writes interrupted by a crash left behind under this location; returns how many.
+    def discard_partial_writes(self, directories: tuple[str, ...] = ("",), keep: tuple[str, ...] = ()) -> int:
+        """Remove what writes interrupted by a crash left behind in `directories` ("" for the top) of this
+        location, except writes of the files named in `keep` (a write in progress elsewhere); returns how many.
 
-        Local and memory:// writes leave hidden `.<name>.partial-*` siblings; S3 leaves multipart uploads that
-        were never completed (no object, but stored and billed). Only uploads under this location's prefix are
-        aborted: other writers elsewhere in the bucket are left alone. Call it only while holding the output's
+        Local and memory:// writes leave hidden siblings named exactly as `atomic_writer` names them
+        (`PARTIAL_WRITE`): only those are removed, never a link or any other file. S3 leaves multipart uploads that
+        were never completed (no object, but stored and billed): only uploads under this location's prefix are
+        aborted, other writers elsewhere in the bucket are left alone. Call it only while holding the output's
         lease, so no live writer of this location is affected.
         """
         fs = self.fs
         if isinstance(fs, (LocalFileSystem, MemoryFileSystem)):
-            leftovers = [p for p in fs.find(self.root) if ".partial-" in posixpath.basename(p)]
-            for path in leftovers:
-                fs.rm(path)
-            return len(leftovers)
+            removed = 0
+            for directory in directories:
+                for entry in self.list_entries(directory or None):
+                    name = posixpath.join(directory, entry) if directory else entry
+                    partial = PARTIAL_WRITE.match(entry)
+                    if not partial or posixpath.join(directory, partial["name"]) in keep:
+                        continue
+                    if not self.is_link(name) and fs.isfile(self.path(name)):
+                        fs.rm(self.writable_path(name))
+                        removed += 1
+            return removed
         if not hasattr(fs, "list_multipart_uploads"):
             return 0
         bucket, _, prefix = self.root.partition("/")
@@ -363,12 +438,29 @@ class Location:
         return aborted
 
     def remove(self, name: str) -> None:
-        if self.exists(name):
-            self.fs.rm(self.path(name))
+        """Remove the file `name` (a link is removed itself, never what it points at); nothing if it is absent."""
+        target = self.writable_path(name)
+        if self.is_link(name):
+            os.unlink(target)
+        elif self.exists(name):
+            if self.fs.isdir(target):
+                raise OutputLocationError(
+                    f"{self.describe(name)} is a directory where this tool keeps a file; it was not written by this "
+                    "tool: remove it, or choose another location"
+                )
+            self.fs.rm(target)
+
+    def remove_empty_directory(self, name: str) -> None:
+        """Remove the directory `name` if it is empty (locally; object stores have no empty directories)."""
+        if self.is_local:
+            try:
+                os.rmdir(self.writable_path(name, itself=True))
+            except OSError:  # not empty, absent, or not a directory: leave it
+                pass
 
     def remove_tree(self, name: str) -> None:
         if self.exists(name):
-            self.fs.rm(self.path(name), recursive=True)
+            self.fs.rm(self.writable_path(name, itself=True), recursive=True)
 
     # -- relations ----------------------------------------------------------------------------------------------
 
@@ -376,13 +468,14 @@ class Location:
         return self.fs.unstrip_protocol(self.root).rstrip("/") + "/"
 
     def same_or_inside(self, other: Location) -> bool:
-        """True when this location is `other` or lies under it (same filesystem)."""
+        """True when this location is `other` or lies under it (same filesystem; `/` and a bucket contain
+        everything below them)."""
         if type(self.fs) is not type(other.fs):
             return False
         mine, theirs = self._canonical(), other._canonical()
         if self.is_local:
-            mine = os.path.realpath(self.root) + "/"
-            theirs = os.path.realpath(other.root) + "/"
+            mine = os.path.realpath(self.root).rstrip("/") + "/"
+            theirs = os.path.realpath(other.root).rstrip("/") + "/"
         return mine.startswith(theirs)
 
 
