@@ -6,7 +6,10 @@ Layout under the output:
 - `lora-merge-manifest.json`: the commit point of the whole merge (see consolidate.py).
 
 A re-run, on any machine and with a fresh Prefect database, skips every shard whose record carries this merge's
-fingerprint and whose object is present with the recorded size.
+fingerprint and says what this plan would write, and whose object is present with the recorded size and sha256.
+
+Everything here may be stale, damaged or planted: it is read as untrusted input, and the tool removes only what it
+can prove it wrote (names it generates, strictly inside the output, whose bytes match their record).
 """
 
 from __future__ import annotations
