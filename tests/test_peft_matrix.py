@@ -2,18 +2,20 @@
 
 Tiny torch models, wrapped with the real PEFT, saved as a base checkpoint and an adapter, merged by the tool and
 compared bit for bit with PEFT's `merge_and_unload()` of the same model: nn.MultiheadAttention, VeLoRA, MonteCLoRA,
-BD-LoRA. Where PEFT cannot merge either (a grouped convolution), planning refuses in one line that says so, before
-anything is written.
+BD-LoRA. Where PEFT cannot merge (a grouped convolution) or the tool cannot yet (quantized bases), planning refuses
+in one line that says so, before anything is written.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_tools import write_checkpoint
+from checkpoint_tools import tree_digest, write_checkpoint
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import BdLoraConfig, MontecloraConfig, VeloraConfig
 from safetensors import safe_open
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prefect_lora_merge.cli import main
-from prefect_lora_merge.core.errors import AdapterMismatchError, UnsupportedAdapterError
+from prefect_lora_merge.core.errors import AdapterMismatchError, UnsupportedAdapterError, UnsupportedBaseError
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 
@@ -219,3 +221,177 @@ def test_a_lora_on_a_grouped_convolution_is_refused_as_groups_above_one_not_as_a
     assert "groups > 1" in message and "conv2d.weight" in message and "groups = 2" in message
     assert "trained on this base" not in message
     assert not (tmp_path / "out").exists()
+
+
+# -- quantized bases ---------------------------------------------------------------------------------------------
+
+
+def _llama(directory: Path, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    return model
+
+
+def _adapter(model, directory: Path, targets: list[str], **config) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(target_modules=targets, init_lora_weights=False, **config))
+        peft_model.save_pretrained(directory)
+        peft_model.unload()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def unquantized_llama(tmp_path_factory):
+    """A tiny llama, an adapter on q_proj, one on lm_head (which bitsandbytes and compressed-tensors leave alone)."""
+    root = tmp_path_factory.mktemp("llama")
+    model = _llama(root / "base")
+    return root, _adapter(model, root / "q_proj", ["q_proj"]), _adapter(model, root / "lm_head", ["lm_head"])
+
+
+def _bitsandbytes(root: Path, name: str, **quantization) -> Path:
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LlamaForCausalLM.from_pretrained(
+            root / "base", quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu"
+        )
+        model.save_pretrained(root / name)
+    return root / name
+
+
+def assert_quantized_refusal(base: Path, adapter: Path, out: Path, *fragments: str) -> None:
+    with pytest.raises(UnsupportedBaseError) as error:
+        make_plan(str(base), str(adapter), str(out))
+    message = str(error.value)
+    for fragment in fragments + ("quantized bases are not supported yet", "merge into the unquantized base"):
+        assert fragment in message, message
+    assert "\n" not in message and "does not fit" not in message and "trained on this base" not in message
+
+
+def assert_merges_untouched_quantized_tensors_as_bytes(base: Path, adapter: Path, out: Path) -> None:
+    result = merge_checkpoint(str(base), str(adapter), str(out))
+    assert result.report.passed, result.report.failures
+    original, merged = load_file(str(base / "model.safetensors")), output_tensors(out)
+    assert [k for k in original if not torch.equal(_bits(original[k]), _bits(merged[k]))] == ["lm_head.weight"]
+
+
+def test_a_bitsandbytes_nf4_base_is_refused_by_name_in_one_line_through_the_cli(unquantized_llama, capsys):
+    root, q_proj, lm_head = unquantized_llama
+    base = _bitsandbytes(root, "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    before = tree_digest(base)
+    capsys.readouterr()  # what quantizing printed
+    with pytest.raises(SystemExit):
+        main(["plan", "--base", str(base), "--adapter", str(q_proj), "--output", str(root / "nf4-out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lora-merge: error:"), err
+    for fragment in (
+        "is a quantized checkpoint (bitsandbytes nf4",
+        "model.layers.0.self_attn.q_proj.weight",
+        "not supported",
+    ):
+        assert fragment in err[0], err[0]
+    assert tree_digest(base) == before and not (root / "nf4-out").exists()
+    # an adapter on a module bitsandbytes left in float merges; the packed weights are copied byte for byte
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "nf4-lm_head")
+
+
+def test_a_bitsandbytes_int8_base_is_refused_by_name(unquantized_llama):
+    root, q_proj, lm_head = unquantized_llama
+    base = _bitsandbytes(root, "int8", load_in_8bit=True)
+    assert_quantized_refusal(
+        base, q_proj, root / "int8-out", "is a quantized checkpoint (bitsandbytes int8", "q_proj.weight"
+    )
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "int8-lm_head")
+
+
+def _rewrite(base: Path, target: Path, rewrite, quantization_config: dict) -> Path:
+    """A copy of a one-shard checkpoint with some tensors replaced by quantized ones, as a quantizer saves them."""
+    shutil.copytree(base, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    save_file(rewrite(tensors), str(target / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return target
+
+
+def test_a_compressed_tensors_pack_quantized_base_is_refused_by_name(unquantized_llama):
+    root, q_proj, lm_head = unquantized_llama
+
+    def pack(tensors):
+        for name in [n for n in tensors if n.endswith("_proj.weight")]:
+            out, inp = tensors.pop(name).shape
+            module = name.removesuffix(".weight")
+            tensors[f"{module}.weight_packed"] = torch.zeros(out, inp // 8, dtype=torch.int32)  # 4-bit, 8 per int32
+            tensors[f"{module}.weight_scale"] = torch.ones(out, inp // 32, dtype=torch.bfloat16)
+            tensors[f"{module}.weight_shape"] = torch.tensor([out, inp])
+        return tensors
+
+    quantization = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"]}
+    base = _rewrite(root / "base", root / "w4a16", pack, quantization)
+    assert_quantized_refusal(
+        base,
+        q_proj,
+        root / "w4a16-out",
+        "is a quantized checkpoint (compressed-tensors pack-quantized",
+        "q_proj.weight_packed",
+    )
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "w4a16-lm_head")
+
+
+def test_a_gpt_oss_mxfp4_base_is_refused_by_name_when_the_adapter_touches_its_experts(tmp_path):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GptOssForCausalLM(config)
+    model.save_pretrained(tmp_path / "bf16")
+    experts = _adapter(model, tmp_path / "experts", [], target_parameters=["mlp.experts.gate_up_proj"])
+    lm_head = _adapter(model, tmp_path / "lm_head", ["lm_head"])
+
+    def mxfp4(tensors):  # GPT-OSS's own layout: e2m1 code pairs in blocks of 32 values, one e8m0 scale per block
+        for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            experts_, inp, out = tensors.pop(name).shape
+            tensors[f"{name}_blocks"] = torch.zeros(experts_, out, inp // 32, 16, dtype=torch.uint8)
+            tensors[f"{name}_scales"] = torch.full((experts_, out, inp // 32), 127, dtype=torch.uint8)
+        return tensors
+
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    base = _rewrite(tmp_path / "bf16", tmp_path / "mxfp4", mxfp4, quantization)
+    assert_quantized_refusal(
+        base,
+        experts,
+        tmp_path / "out",
+        "is a quantized checkpoint (MXFP4",
+        "model.layers.0.mlp.experts.gate_up_proj_blocks",
+    )
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, tmp_path / "lm_head-out")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from .adapter import TRAINING_ONLY_TENSORS, AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
 from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError, UnsupportedAdapterError
 from .fp8 import scale_grid_shape
+from .quantized import QuantizedBase, QuantizedWeight, find_quantized
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
@@ -355,7 +356,9 @@ def make_plan(
     fp8 = _block_fp8_weights(base_loc, config, headers)
     mode = _output_mode(output_dtype, fp8, base_loc)
     resolver = _Resolver(catalog, config)
-    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config, set(fp8))
+    fp8_tensors = set(fp8) | {w.scales.entry.name for w in fp8.values()}
+    quantized = find_quantized(base_loc.uri, config, catalog, supported=fp8_tensors)
+    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config, set(fp8), quantized)
     roles = _fp8_roles(fp8, updates, mode)
     config_removals = _quantization_config_keys(config) if mode == "bf16" else ()
     if mode == "bf16":
@@ -701,6 +704,7 @@ def _plan_updates(
     resolver: _Resolver,
     config: dict[str, Any],
     fp8_weights: set[str],
+    quantized: QuantizedBase | None = None,
 ) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int]]:
     groups: dict[str, _Group] = {}
     replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
@@ -734,6 +738,11 @@ def _plan_updates(
             problems.append(f"{key} is not a LoRA tensor this tool knows how to merge")
         else:
             replacements.append((key, key))
+
+    if quantized is not None:
+        touched = _touched_quantized(quantized, resolver, adapter, groups, replacements, token_keys)
+        if touched:
+            raise quantized.refusal(touched)
 
     updates: dict[str, list[Update]] = defaultdict(list)
     usage: dict[str, list[str]] = {}
@@ -840,6 +849,35 @@ def _training_only(key: str, variants: list[tuple[str, re.Pattern[str]]]) -> tup
         if m := pattern.match(key):
             return m["module"], variant
     return None
+
+
+def _touched_quantized(
+    quantized: QuantizedBase,
+    resolver: _Resolver,
+    adapter: AdapterIndex,
+    groups: dict[str, _Group],
+    replacements: list[tuple[str, str]],
+    token_keys: list[tuple[str, str]],
+) -> list[QuantizedWeight]:
+    """The base's quantized weights that the adapter would change. A target is found by the usual name rules,
+    among the stored tensors first (bitsandbytes keeps the codes under the weight's name), then among the names of
+    the weights that packed tensors stand for (`q_proj.weight` for `q_proj.weight_packed`)."""
+    names = [name for _, name in replacements] + [f"{module}.weight" for _, module in token_keys]
+    for module in groups:
+        plain = module
+        while plain.endswith(".base_layer"):
+            plain = plain[: -len(".base_layer")]
+        names.append(f"{plain}.weight")
+        names += [f"{plain}.{p}" for p in _targeted_parameters(plain, adapter.config.target_parameters or [])]
+    packed = _Resolver({w.name: resolver.catalog[w.stored] for w in quantized.weights.values()}, resolver.config)
+    touched: dict[str, QuantizedWeight] = {}
+    for name in names:
+        target, _ = resolver.resolve(name)
+        if target is None:
+            target, _ = packed.resolve(name)
+        if target in quantized.weights:
+            touched.setdefault(target, quantized.weights[target])
+    return sorted(touched.values(), key=lambda w: w.name)
 
 
 def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[str, int]:
