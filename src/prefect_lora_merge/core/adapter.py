@@ -23,6 +23,41 @@ PEFT_PREFIX = "base_model.model."
 # init_lora_weights values whose adapters only make sense together with a modified base weight.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
 
+# LoRA variants whose merge is the plain LoRA delta (PEFT's `merge_safe`/`merge_unsafe` call `get_delta_weight`
+# alone) and which save tensors used in training only: config field -> (variant, the keys of those tensors).
+# VeLoRA's `lora_velora_embed` is the projection of its compressed backward pass; MonteCLoRA's sampler holds the
+# priors of its Monte Carlo perturbations (parameters std_prior and expert_weights_prior, buffers gaussian_var_prior
+# and expert_weights).
+TRAINING_ONLY_TENSORS: dict[str, tuple[str, re.Pattern[str]]] = {
+    "velora_config": ("VeLoRA", re.compile(r"^(?P<module>.+)\.lora_velora_embed$")),
+    "monteclora_config": (
+        "MonteCLoRA",
+        re.compile(
+            r"^(?P<module>.+)\.lora_monteclora_sampler\.(std_prior|expert_weights_prior|gaussian_var_prior|expert_weights)$"
+        ),
+    ),
+}
+# Fields of LoraConfig that each select a LoRA variant; PEFT builds no layer with two of them.
+_VARIANT_FIELDS = ("use_dora", "velora_config", "monteclora_config", "use_bdlora")
+
+
+class BlockDiagonal(BaseModel):
+    """PEFT's BdLoraConfig (`use_bdlora`): which modules store LoRA A or LoRA B block-diagonal, in how many blocks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def side(self, module: str) -> str | None:
+        """Which factor of a module is block-diagonal by PEFT's rule (a pattern that is a substring of the module's
+        name): "A", "B", "both" (PEFT refuses to build that) or None (a plain LoRA factor pair)."""
+        in_a = any(p in module for p in self.target_modules_bd_a or [])
+        in_b = any(p in module for p in self.target_modules_bd_b or [])
+        return "both" if in_a and in_b else "A" if in_a else "B" if in_b else None
+
 
 class AdapterConfig(BaseModel):
     """The fields of PEFT's LoraConfig that change what a merge writes."""
@@ -44,6 +79,7 @@ class AdapterConfig(BaseModel):
     trainable_token_indices: Any = None
     layers_to_transform: Any = None
     layers_pattern: Any = None
+    use_bdlora: BlockDiagonal | None = None
     peft_version: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -117,14 +153,17 @@ def parse_config(raw: dict[str, Any], where: str) -> AdapterConfig:
     for flag, what in (
         ("use_qalora", "QA-LoRA"),
         ("alora_invocation_tokens", "activated LoRA (aLoRA) applies only after its invocation tokens"),
-        ("use_bdlora", "block-diagonal LoRA"),
         ("arrow_config", "Arrow routing"),
-        ("velora_config", "VeLoRA"),
-        ("monteclora_config", "MonteCLoRA"),
         ("kasa_config", "KaSA"),
     ):
         if raw.get(flag):
             refusals.append(f"{flag} is set ({what}): not a plain weight update, cannot be merged by this tool")
+    variants = [flag for flag in _VARIANT_FIELDS if raw.get(flag)]
+    if len(variants) > 1:
+        refusals.append(f"{' and '.join(variants)} are set together: PEFT has no LoRA variant that combines them")
+    bd = raw.get("use_bdlora")
+    if bd and (not isinstance(bd, dict) or not isinstance(bd.get("nblocks", 1), int) or bd.get("nblocks", 1) < 1):
+        refusals.append(f"use_bdlora must be PEFT's BdLoraConfig with a positive integer nblocks, not {bd!r}")
     if refusals:
         raise UnsupportedAdapterError(f"{where}: " + "; ".join(refusals))
     if raw.get("bias", "none") not in ("none", "all", "lora_only"):

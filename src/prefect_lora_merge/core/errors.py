@@ -11,6 +11,10 @@ class CheckpointFormatError(LoraMergeError):
     """A safetensors file, index or config of the base checkpoint is malformed or truncated."""
 
 
+class UnsupportedBaseError(CheckpointFormatError):
+    """A well-formed base checkpoint in a format this tool cannot merge into yet (a quantized one)."""
+
+
 class AdapterError(LoraMergeError):
     """The adapter directory is missing files, malformed, or of a kind this tool cannot merge."""
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import TILED_FORMS, Update, merges_by_tiles
+from .safetensors_format import torch_dtype
 from .tiling import TileMerge, Workspace
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
@@ -34,8 +35,10 @@ def merged_tensor(weight: torch.Tensor, updates: tuple[Update, ...], fetch: Fetc
             index = torch.tensor(update.indices, dtype=torch.long, device=weight.device)
             weight.index_copy_(0, index, fetch(update.adapter_tensors[0]).to(weight))
         else:
-            delta = delta_weight(update, fetch)
+            delta = rounded(delta_weight(update, fetch), update)
             weight.add_(delta)
+            if update.rounded_to:
+                weight = rounded(weight, update)
             if update.magnitude:
                 dora_rescale(weight, fetch(update.magnitude), update.form)
             del delta
@@ -52,13 +55,16 @@ def tile_merge(updates: tuple[Update, ...], fetch: Fetch, workspace: Workspace |
     instead of three (scale in place, add, read). With a `workspace`, the products go into its reused buffers."""
     if not merges_by_tiles(updates):
         return None
-    products = [(lora_product(u, fetch, workspace=workspace, slot=i), u.scale) for i, u in enumerate(updates)]
+    products = [(lora_product(u, fetch, workspace=workspace, slot=i), u) for i, u in enumerate(updates)]
 
     def merge(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
         merged: torch.Tensor | None = None
-        for product, scale in products:
-            delta = product[rows, cols] * scale  # ΔW's tile, rounded as PEFT rounds (B @ A) * s
-            merged = values + delta if merged is None else merged.add_(delta)
+        for product, update in products:
+            delta = product[rows, cols] * update.scale  # ΔW's tile, rounded as PEFT rounds (B @ A) * s
+            if update.rounded_to:
+                merged = rounded(rounded(delta, update) + (values if merged is None else merged), update)
+            else:
+                merged = values + delta if merged is None else merged.add_(delta)
         assert merged is not None
         return merged
 
@@ -77,12 +83,31 @@ def lora_product(
     second rounding step exactly like PEFT's `(B @ A) * s`); into the workspace's buffer `slot` when given."""
     rows, cols = tile
     if update.form == "linear":
-        A, B = (fetch(k) for k in update.adapter_tensors)
+        A, B = lora_factors(update, fetch)
         return _matmul(B[rows], A[:, cols], workspace, slot)
     assert update.form == "expert" and update.expert is not None and update.rows is not None, update.form
     A3, B3 = expert_factors(update, fetch)
     start, end = update.rows
     return _matmul(B3[start:end, :, update.expert][rows], A3[update.expert][:, cols], workspace, slot)
+
+
+def lora_factors(update: Update, fetch: Fetch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear update's A (r, in) and B (out, r); a BD-LoRA factor expanded from its diagonal blocks as PEFT's
+    `BlockDiagonalLinear.weight_as_blockdiagonal_matrix` expands it, zeros off the diagonal."""
+    A, B = (fetch(k) for k in update.adapter_tensors)
+    if update.block_diagonal == "A":
+        A = torch.block_diag(*torch.chunk(A, update.nblocks or 1, dim=0))
+    elif update.block_diagonal == "B":
+        B = torch.block_diag(*torch.chunk(B, update.nblocks or 1, dim=0))
+    return A, B
+
+
+def rounded(values: torch.Tensor, update: Update) -> torch.Tensor:
+    """Values rounded to the update's `rounded_to` dtype and back, in place (unchanged without one): the roundings
+    of PEFT's nn.MultiheadAttention merge, which adds ΔW in the weight's own dtype."""
+    if update.rounded_to is None:
+        return values
+    return values.copy_(values.to(torch_dtype(update.rounded_to)))
 
 
 def expert_factors(update: Update, fetch: Fetch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +136,7 @@ def delta_weight(update: Update, fetch: Fetch, tile: tuple[slice, slice] = WHOLE
         return fetch(update.adapter_tensors[0]) * s
     if update.form in TILED_FORMS:
         return lora_product(update, fetch, tile).mul_(s)
-    A, B = (fetch(k) for k in update.adapter_tensors)
+    A, B = lora_factors(update, fetch)
     if update.form in ("linear_t", "embedding"):
         return (B @ A).T.mul_(s)
     if update.form == "conv":

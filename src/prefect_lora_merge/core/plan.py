@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
-from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
+from .adapter import TRAINING_ONLY_TENSORS, AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
+from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError, UnsupportedAdapterError
 from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
 from .fp8 import scale_grid_shape
+from .quantized import QuantizedBase, QuantizedWeight, find_quantized
 from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
@@ -105,6 +106,13 @@ class Update(BaseModel):
     rows: tuple[int, int] | None = None
     experts_layout: Literal["eoi", "eio"] | None = None
     indices: tuple[int, ...] | None = None
+    # BD-LoRA (`use_bdlora`): the factor stored block-diagonal, as its `nblocks` row blocks side by side; expanded to
+    # the full factor before the product, as PEFT's merge does.
+    block_diagonal: Literal["A", "B"] | None = None
+    nblocks: int | None = None
+    # The dtype ΔW is rounded to before it is added, and the sum after: PEFT's nn.MultiheadAttention merge adds
+    # `ΔW.to(weight.dtype)` in the weight's own dtype (one rounding more than a Linear's merge, in bf16/fp16).
+    rounded_to: Literal["F16", "BF16"] | None = None
 
 
 class TensorRef(BaseModel):
@@ -348,7 +356,9 @@ def make_plan(
     fp8 = _block_fp8_weights(base_loc, config, headers)
     mode = _output_mode(output_dtype, fp8, base_loc)
     resolver = _Resolver(catalog, config)
-    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config, set(fp8))
+    fp8_tensors = set(fp8) | {w.scales.entry.name for w in fp8.values()}
+    quantized = find_quantized(base_loc.uri, config, catalog, supported=fp8_tensors)
+    updates, usage, config_updates = _plan_updates(adapter_index, resolver, config, set(fp8), quantized)
     roles = _fp8_roles(fp8, updates, mode)
     config_removals = _quantization_config_keys(config) if mode == "bf16" else ()
     if mode == "bf16":
@@ -683,6 +693,8 @@ _EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.weight)?$")
 _TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 _BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+# The out_proj of an nn.MultiheadAttention, which PEFT wraps inside the attention's own LoRA layer.
+_MHA_OUT_PROJ = re.compile(r"^(?P<attention>.+)\.base_layer\.out_proj$")
 
 
 class _Group(BaseModel):
@@ -694,13 +706,23 @@ class _Group(BaseModel):
     embedding: bool = False
 
 
+class _Unsupported(str):
+    """A planning problem that is not a mismatch with the base: an update PEFT cannot merge either."""
+
+
 def _plan_updates(
-    adapter: AdapterIndex, resolver: _Resolver, config: dict[str, Any], fp8_weights: set[str]
+    adapter: AdapterIndex,
+    resolver: _Resolver,
+    config: dict[str, Any],
+    fp8_weights: set[str],
+    quantized: QuantizedBase | None = None,
 ) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int]]:
     groups: dict[str, _Group] = {}
     replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
     token_keys: list[tuple[str, str]] = []
+    training_only: list[tuple[str, str, str]] = []  # (adapter key, module, variant)
     problems: list[str] = []
+    variants = [found for flag, found in TRAINING_ONLY_TENSORS.items() if adapter.raw_config.get(flag) is not None]
 
     for key in adapter.tensors:
         if m := _LORA_KEY.match(key):
@@ -721,15 +743,37 @@ def _plan_updates(
             token_keys.append((key, m["module"]))
         elif m := _BASE_LAYER_KEY.match(key):
             replacements.append((key, f"{m['module']}.{m['param']}"))
+        elif found := _training_only(key, variants):
+            training_only.append((key, *found))
         elif re.search(r"\.(lora_\w+|hada_\w+|lokr_\w+|ia3_\w+)(\.|$)", key):
             problems.append(f"{key} is not a LoRA tensor this tool knows how to merge")
         else:
             replacements.append((key, key))
 
+    if quantized is not None:
+        touched = _touched_quantized(quantized, resolver, adapter, groups, replacements, token_keys)
+        if touched:
+            raise quantized.refusal(touched)
+
     updates: dict[str, list[Update]] = defaultdict(list)
     usage: dict[str, list[str]] = {}
     config_updates: dict[str, int] = {}
     replaced_shapes: dict[str, tuple[int, ...]] = {}
+
+    # Tensors a LoRA variant saves for training only: applied nowhere (an empty usage), as in PEFT's merge; each
+    # must belong to a module whose LoRA factors are in the adapter.
+    for key, module, variant in training_only:
+        group = groups.get(module)
+        if group is None or group.A is None or group.B is None:
+            problems.append(f"{key}: a {variant} tensor for {module}, which has no LoRA A and B in the adapter")
+        else:
+            usage[key] = []
+    for variant in sorted({v for _, _, v in training_only}):
+        names = sorted({k.rpartition(f"{m}.")[2] for k, m, v in training_only if v == variant})
+        resolver.decisions.append(
+            f"{variant}: its {sum(1 for *_, v in training_only if v == variant)} training-only tensor(s) "
+            f"({', '.join(names)}) are not part of the merge; PEFT merges {variant} as the plain LoRA delta"
+        )
 
     def shape_of(target: str) -> tuple[int, ...]:
         """A tensor's shape as later updates see it: after a full replacement (a resized embedding, say)."""
@@ -769,7 +813,7 @@ def _plan_updates(
         add(target, Update(kind="replace", module=module, adapter_tensors=(key,)))
 
     for group in groups.values():
-        problems += _plan_group(group, adapter, resolver, add, shape_of)
+        problems += _plan_group(group, adapter, resolver, add, shape_of, usage)
 
     for key, module in token_keys:
         problems += _plan_tokens(key, module, adapter, resolver, add, shape_of)
@@ -791,6 +835,13 @@ def _plan_updates(
                 "needs dequantizing first)"
             )
 
+    if problems and all(isinstance(p, _Unsupported) for p in problems):
+        raise UnsupportedAdapterError(
+            f"{len(problems)} adapter tensor(s) from {adapter.location.uri} are not a weight update PEFT can merge: "
+            + "; ".join(problems[:8])
+            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+            + "; nothing was written"
+        )
     if problems:
         hint = "Check that the adapter was trained on this base model"
         if adapter.config.base_model_name_or_path:
@@ -803,6 +854,43 @@ def _plan_updates(
     return dict(updates), usage, config_updates
 
 
+def _training_only(key: str, variants: list[tuple[str, re.Pattern[str]]]) -> tuple[str, str] | None:
+    """(module, variant) of a tensor that one of the adapter's LoRA variants saves for training only."""
+    for variant, pattern in variants:
+        if m := pattern.match(key):
+            return m["module"], variant
+    return None
+
+
+def _touched_quantized(
+    quantized: QuantizedBase,
+    resolver: _Resolver,
+    adapter: AdapterIndex,
+    groups: dict[str, _Group],
+    replacements: list[tuple[str, str]],
+    token_keys: list[tuple[str, str]],
+) -> list[QuantizedWeight]:
+    """The base's quantized weights that the adapter would change. A target is found by the usual name rules,
+    among the stored tensors first (bitsandbytes keeps the codes under the weight's name), then among the names of
+    the weights that packed tensors stand for (`q_proj.weight` for `q_proj.weight_packed`)."""
+    names = [name for _, name in replacements] + [f"{module}.weight" for _, module in token_keys]
+    for module in groups:
+        plain = module
+        while plain.endswith(".base_layer"):
+            plain = plain[: -len(".base_layer")]
+        names.append(f"{plain}.weight")
+        names += [f"{plain}.{p}" for p in _targeted_parameters(plain, adapter.config.target_parameters or [])]
+    packed = _Resolver({w.name: resolver.catalog[w.stored] for w in quantized.weights.values()}, resolver.config)
+    touched: dict[str, QuantizedWeight] = {}
+    for name in names:
+        target, _ = resolver.resolve(name)
+        if target is None:
+            target, _ = packed.resolve(name)
+        if target in quantized.weights:
+            touched.setdefault(target, quantized.weights[target])
+    return sorted(touched.values(), key=lambda w: w.name)
+
+
 def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[str, int]:
     if config.get("vocab_size") == old_rows:
         return {"vocab_size": new_rows}
@@ -812,13 +900,18 @@ def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[
     return {}
 
 
-def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: Any, shape_of: Any) -> list[str]:
+def _plan_group(
+    group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: Any, shape_of: Any, usage: dict[str, list[str]]
+) -> list[str]:
     module = group.module
     if group.A is None or group.B is None:
         present = [k for k in (group.A, group.B, group.B_bias, group.magnitude) if k]
         return [f"{module}: has {present} but not both LoRA A and B; the adapter file is incomplete"]
     A, B = adapter.tensors[group.A], adapter.tensors[group.B]
     cfg = adapter.config
+    attention = _MHA_OUT_PROJ.match(module)
+    if attention and resolver.resolve(f"{attention['attention']}.in_proj_weight")[0] is not None:
+        return _plan_attention(group, attention["attention"], "out_proj", adapter, resolver, add, shape_of, usage)
 
     # Parameters targeted with `target_parameters` are nested as module(.base_layer)*; PEFT strips the nesting
     # when it matches names.
@@ -833,6 +926,8 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
     # exists is a module target.
     if parameters and target is None:
         return _plan_parameter(group, plain, parameters, A, B, adapter, resolver, add)
+    if target is None and resolver.resolve(f"{plain}.in_proj_weight")[0] is not None:
+        return _plan_attention(group, plain, "in_proj", adapter, resolver, add, shape_of, usage)
     if target is None:
         return [f"{group.A}: {why}"]
     if cfg.use_dora != bool(group.magnitude):
@@ -842,12 +937,25 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
             "(merging it either way would silently change the result)"
         ]
     base_shape = shape_of(target)
+    groups = _conv_groups(A.shape, B.shape, base_shape)
+    if groups > 1:
+        return [
+            _Unsupported(
+                f"{group.A}: {target} is a grouped convolution (groups = {groups}): PEFT cannot merge a LoRA on a "
+                "conv layer with groups > 1 either (its merge raises NotImplementedError); use the adapter unmerged, "
+                f"or train it without targeting {plain}"
+            )
+        ]
     rank = A.shape[0]
     alpha, scale = adapter_scale(adapter, plain, rank)
     keys = (group.A, group.B)
     problems = []
+    expanded = _block_diagonal(group, plain, A, B, base_shape, cfg, target)
+    if isinstance(expanded, str):
+        return [expanded]
+    a_shape, b_shape, block_diagonal = expanded
     form, expected = None, None
-    if len(A.shape) < 2 or len(B.shape) < 2 or B.shape[1] != rank:
+    if len(A.shape) < 2 or len(B.shape) < 2 or b_shape[1] != rank:
         pass
     elif group.embedding:
         form, expected = "embedding", (A.shape[1], B.shape[0])
@@ -857,7 +965,7 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
         if B.shape[2:] and any(d != 1 for d in B.shape[2:]):
             expected = None
     else:
-        form, problem = _linear_orientation(plain, (B.shape[0], A.shape[1]), tuple(base_shape), cfg, resolver)
+        form, problem = _linear_orientation(plain, (b_shape[0], a_shape[1]), tuple(base_shape), cfg, resolver)
         if problem:
             return [f"{group.A}: {problem}"]
         expected = tuple(base_shape) if form else None
@@ -884,6 +992,8 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
             alpha=alpha,
             scale=scale,
             magnitude=group.magnitude,
+            block_diagonal=block_diagonal,
+            nblocks=cfg.use_bdlora.nblocks if block_diagonal and cfg.use_bdlora else None,
         ),
     )
     if group.B_bias:
@@ -909,6 +1019,114 @@ def _plan_group(group: _Group, adapter: AdapterIndex, resolver: _Resolver, add: 
                 ),
             )
     return problems
+
+
+def _conv_groups(a: tuple[int, ...], b: tuple[int, ...], base: tuple[int, ...]) -> int:
+    """The `groups` of a conv layer that a LoRA's factors imply (1 for anything else): PEFT's lora_A sees every
+    input channel (r, in, k..), its lora_B is grouped (out, r/groups, 1..), the base weight is (out, in/groups, k..)."""
+    if len(base) < 3 or len(a) != len(base) or len(b) != len(base) or not base[1] or a[1] % base[1]:
+        return 1
+    groups = a[1] // base[1]
+    return groups if b[0] == base[0] and b[1] * groups == a[0] else 1
+
+
+def _block_diagonal(
+    group: _Group,
+    module: str,
+    A: AdapterTensor,
+    B: AdapterTensor,
+    base_shape: tuple[int, ...],
+    cfg: Any,
+    target: str,
+) -> tuple[tuple[int, ...], tuple[int, ...], Literal["A", "B"] | None] | str:
+    """(A's shape, B's shape, the block-diagonal factor) as the merge multiplies them, or the problem, for BD-LoRA
+    (`use_bdlora`): PEFT's BlockDiagonalLinear stores an (out, in) factor as its nblocks diagonal blocks side by
+    side, (out, in / nblocks), and its merge expands it with `torch.block_diag(*weight.chunk(nblocks))`."""
+    side = cfg.use_bdlora.side(module) if cfg.use_bdlora else None
+    if side is None:
+        return tuple(A.shape), tuple(B.shape), None
+    if side == "both":
+        return _Unsupported(
+            f"{group.A}: use_bdlora: {module} matches both target_modules_bd_a and target_modules_bd_b (PEFT refuses "
+            "to build such a layer)"
+        )
+    if group.embedding or len(base_shape) != 2 or len(A.shape) != 2 or len(B.shape) != 2:
+        return _Unsupported(f"{group.A}: BD-LoRA (use_bdlora) is defined for Linear layers, not {target}")
+    blocks = cfg.use_bdlora.nblocks
+    factor = A if side == "A" else B
+    if factor.shape[0] % blocks:
+        return f"{group.A}: LoRA {side} {list(factor.shape)} does not split into use_bdlora's {blocks} diagonal blocks"
+    if side == "A":
+        return (A.shape[0], A.shape[1] * blocks), tuple(B.shape), "A"
+    return tuple(A.shape), (B.shape[0], B.shape[1] * blocks), "B"
+
+
+def _plan_attention(
+    group: _Group,
+    attention: str,
+    part: Literal["in_proj", "out_proj"],
+    adapter: AdapterIndex,
+    resolver: _Resolver,
+    add: Any,
+    shape_of: Any,
+    usage: dict[str, list[str]],
+) -> list[str]:
+    """A LoRA on an nn.MultiheadAttention, as PEFT 0.21's `lora.MultiheadAttention` merges it.
+
+    PEFT wraps the module (its LoRA updates `in_proj_weight`) and its out_proj, a LoRA Linear saved under
+    `<attention>.base_layer.out_proj`; both get the attention module's r and alpha. Its merge adds the in_proj delta
+    to `in_proj_weight` and the out_proj delta to `out_proj.weight`, each rounded to the weight's dtype and added in
+    it, then merges the out_proj's own LoRA layer, which adds the out_proj delta a second time, as a Linear does (and
+    lora_bias's bias once). Its forward merges and unmerges the same way, so the trained model saw that weight. The
+    in_proj's lora_B.bias is used by neither."""
+    A, B = adapter.tensors[group.A], adapter.tensors[group.B]
+    name = f"{attention}.in_proj_weight" if part == "in_proj" else f"{attention}.out_proj.weight"
+    target, why = resolver.resolve(name)
+    if target is None:
+        return [f"{group.A}: {why}"]
+    if group.magnitude or adapter.config.use_dora:
+        return [_Unsupported(f"{group.A}: PEFT has no DoRA for nn.MultiheadAttention ({attention}), nor a merge of it")]
+    if adapter.config.use_bdlora:
+        return [_Unsupported(f"{group.A}: BD-LoRA (use_bdlora) is defined for Linear layers, not {attention}")]
+    base_shape = tuple(shape_of(target))
+    rank = A.shape[0]
+    if len(A.shape) != 2 or len(B.shape) != 2 or B.shape[1] != rank or (B.shape[0], A.shape[1]) != base_shape:
+        return [
+            f"{group.A}: LoRA A {list(A.shape)} / B {list(B.shape)} give a delta that does not fit {target} "
+            f"{list(base_shape)}"
+        ]
+    alpha, scale = adapter_scale(adapter, attention, rank)
+    dtype = resolver.catalog[target].dtype
+    common: dict[str, Any] = dict(
+        kind="delta", form="linear", adapter_tensors=(group.A, group.B), rank=rank, alpha=alpha, scale=scale
+    )
+    rounded_to = dtype if dtype in ("F16", "BF16") else None
+    add(target, Update(module=f"{attention}.{part}", rounded_to=rounded_to, **common))
+    if part == "out_proj":
+        add(target, Update(module=group.module, **common))
+    decision = (
+        f"nn.MultiheadAttention {attention}: merged as PEFT 0.21 merges it: the in_proj delta into in_proj_weight, "
+        "the out_proj delta into out_proj.weight twice (by MultiheadAttention.merge, then by out_proj's own LoRA "
+        "merge; PEFT's forward applies it twice as well)"
+    )
+    if decision not in resolver.decisions:
+        resolver.decisions.append(decision)
+    if not group.B_bias:
+        return []
+    if part == "in_proj":
+        usage[group.B_bias] = []
+        resolver.decisions.append(
+            f"{group.B_bias}: not merged: PEFT's nn.MultiheadAttention adds no in_proj LoRA bias (neither its merge "
+            "nor its forward uses it)"
+        )
+        return []
+    bias, why = resolver.resolve(f"{attention}.out_proj.bias")
+    if bias is None:
+        return [f"{group.B_bias}: lora_bias is set but the base has no bias for {attention}.out_proj ({why})"]
+    if shape_of(bias) != adapter.tensors[group.B_bias].shape:
+        return [f"{group.B_bias}: shape does not fit {bias}"]
+    add(bias, Update(**{**common, "form": "bias", "adapter_tensors": (group.B_bias,)}, module=group.module))
+    return []
 
 
 def _linear_orientation(

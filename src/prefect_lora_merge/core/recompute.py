@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
 from .fp8 import grid_span, quantize
-from .lora_math import delta_weight, dora_rescale, expert_factors
+from .lora_math import delta_weight, dora_rescale, expert_factors, lora_factors
 from .plan import TILED_FORMS, MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
 from .storage import Location
@@ -275,6 +275,10 @@ def _apply_rows(
             if rows.start <= index < rows.stop:
                 weight[index - rows.start] = new_rows[k]
         return weight, 1.0
+    if update.rounded_to:  # ΔW rounded to the weight's dtype and added in it (PEFT's nn.MultiheadAttention merge)
+        dtype = torch_dtype(update.rounded_to)
+        delta = _delta_rows(update, rows, shape, fetch).to(dtype).to(torch.float64)
+        return (weight + delta).to(dtype).to(torch.float64), 1.0
     combined = weight + _delta_rows(update, rows, shape, fetch)
     if not update.magnitude:
         return combined, 1.0
@@ -295,7 +299,7 @@ def _delta_rows(update: Update, rows: slice, shape: tuple[int, ...], fetch: Fetc
     if update.form in TILED_FORMS:
         return delta_weight(update, fetch, (rows, slice(None)))
     if update.form in ("linear_t", "embedding"):
-        A, B = (fetch(k) for k in update.adapter_tensors)
+        A, B = lora_factors(update, fetch)
         return (B @ A[:, rows]).T * s
     if update.form == "experts" and len(shape) == 3:
         A3, B3 = expert_factors(update, fetch)

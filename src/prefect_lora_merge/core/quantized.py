@@ -1,0 +1,123 @@
+"""Quantized base checkpoints this tool cannot merge into yet, recognised by the tensors they store.
+
+bitsandbytes, MXFP4, compressed-tensors, GPTQ and AWQ checkpoints keep a weight as packed integers with companion
+tensors (scales, code books, shapes), often under other names than the weight's: `q_proj.weight` as U8 [n, 1] beside
+`q_proj.weight.absmax`, `experts.gate_up_proj` as `gate_up_proj_blocks` / `gate_up_proj_scales`, `q_proj.weight` as
+`q_proj.weight_packed`. A LoRA delta cannot be added to those bytes. Planning refuses a merge that touches one by
+naming the format, instead of reporting a packed tensor's shape as a mismatch; quantized weights the adapter does
+not touch are copied byte for byte like any other tensor. (Block-FP8 bases, which the tool merges, are `fp8.py`.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import UnsupportedBaseError
+from .safetensors_format import TensorEntry
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+# (stored tensor name pattern, the weight's name as modules see it, the format) for formats whose companion tensors
+# say what they are. Each `weight` group is what an adapter targets.
+_COMPANIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # bitsandbytes 4-bit (Params4bit): packed U8 weight + absmax, quant_map, quant_state.bitsandbytes__<type>
+    (re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>\w+)$"), "bitsandbytes {kind}"),
+    # bitsandbytes 8-bit (LLM.int8()): I8 weight + the row scales SCB
+    (re.compile(r"^(?P<module>.+)\.SCB$"), "bitsandbytes int8"),
+    # MXFP4 (GPT-OSS experts): <param>_blocks (U8 pairs of e2m1 codes) + <param>_scales (U8 e8m0 exponents)
+    (re.compile(r"^(?P<weight>.+)_blocks$"), "MXFP4"),
+    # compressed-tensors pack-quantized: weight_packed (I32) + weight_scale + weight_shape
+    (re.compile(r"^(?P<module>.+)\.weight_packed$"), "compressed-tensors"),
+    # GPTQ / AWQ: qweight (I32) + scales + qzeros
+    (re.compile(r"^(?P<module>.+)\.qweight$"), "GPTQ/AWQ"),
+)
+
+
+class QuantizedWeight(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # the weight as modules see it (what an adapter targets)
+    scheme: str  # "bitsandbytes nf4", "MXFP4", ...
+    stored: str  # the tensor the checkpoint stores its codes in
+
+
+class QuantizedBase(BaseModel):
+    """The quantized weights of a base checkpoint, and how to refuse a merge into them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    where: str  # the base, for messages
+    method: str | None  # config.json's quantization_config.quant_method
+    weights: dict[str, QuantizedWeight]
+
+    def refusal(self, touched: list[QuantizedWeight]) -> UnsupportedBaseError:
+        first = touched[0]
+        declared = f", config.json quantization_config.quant_method {self.method!r}" if self.method else ""
+        more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
+        stored = "" if first.stored == first.name else f", stored as {first.stored}"
+        return UnsupportedBaseError(
+            f"{self.where} is a quantized checkpoint ({first.scheme}{declared}): the adapter changes "
+            f"{len(touched)} quantized weight(s) ({first.name}{stored}{more}), and quantized bases are not supported "
+            "yet; merge into the "
+            "unquantized base this checkpoint was quantized from (then quantize the merged output again if needed)"
+        )
+
+
+def find_quantized(
+    where: str, config: dict[str, Any], catalog: dict[str, TensorEntry], supported: set[str]
+) -> QuantizedBase | None:
+    """The base's quantized weights, from their tensors' names and dtypes, or None when it has none. `supported`:
+    tensors of formats the tool merges (block-FP8 weights and their scale grids)."""
+    method, declared = _declared_scheme(config)
+    weights: dict[str, QuantizedWeight] = {}
+    for stored, entry in catalog.items():
+        if stored in supported:
+            continue
+        for pattern, scheme in _COMPANIONS:
+            match = pattern.match(stored)
+            if match is None:
+                continue
+            if "module" in match.groupdict():
+                name = f"{match['module']}.weight"
+                codes = name if name in catalog else stored
+                if scheme == "bitsandbytes int8" and (name not in catalog or catalog[name].dtype in FLOAT_DTYPES):
+                    continue  # an SCB beside a float weight is not LLM.int8()
+            else:
+                name = match["weight"]
+                codes = stored if scheme == "MXFP4" else name
+                if scheme == "MXFP4" and f"{name}_scales" not in catalog:
+                    continue
+            label = scheme.format(kind=match.groupdict().get("kind", ""))
+            if scheme in ("compressed-tensors", "GPTQ/AWQ") and declared:
+                label = declared
+            weights[name] = QuantizedWeight(name=name, scheme=label, stored=codes)
+        # A weight the config declares quantized, stored as integers or FP8 under its own name (compressed-tensors
+        # int-/float-quantized, fbgemm FP8, ...): no companion naming the format, but not a float either.
+        if declared and stored.endswith(".weight") and entry.dtype not in FLOAT_DTYPES and stored not in weights:
+            weights[stored] = QuantizedWeight(name=stored, scheme=declared, stored=stored)
+    if not weights:
+        return None
+    return QuantizedBase(where=where, method=method, weights=weights)
+
+
+def _declared_scheme(config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(quant_method, a readable name of the scheme) from config.json's quantization_config, if any."""
+    for scope in (config, config.get("text_config")):
+        quant = scope.get("quantization_config") if isinstance(scope, dict) else None
+        if isinstance(quant, dict) and quant.get("quant_method"):
+            break
+    else:
+        return None, None
+    method = str(quant["quant_method"])
+    if method == "bitsandbytes":
+        if quant.get("load_in_4bit") or quant.get("_load_in_4bit"):
+            return method, f"bitsandbytes {quant.get('bnb_4bit_quant_type') or 'fp4'}"
+        return method, "bitsandbytes int8"
+    if method == "mxfp4":
+        return method, "MXFP4"
+    if method == "compressed-tensors" and quant.get("format"):
+        return method, f"compressed-tensors {quant['format']}"
+    return method, method
