@@ -232,3 +232,25 @@ def test_resized_trained_copies_on_an_untied_checkpoint_merge_with_the_wrapper_t
     superseded = [d for d in manifest["decisions"] if d.startswith("superseded replacements")]
     assert len(superseded) == 2 and all(k.removeprefix("base_model.model.") in " ".join(superseded) for k in wrapped)
     assert all(manifest["adapter"]["usage"][k.removeprefix("base_model.model.")] == [] for k in wrapped)
+
+
+def test_an_output_without_its_untied_head_fails_validation_naming_it(tied_base, tmp_path, capsys):
+    from checkpoint_tools import read_raw_header, write_raw_header
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, modules_to_save=["embed_tokens"])
+    adapter = _adapter(tmp_path, _base_model(tied_base), config)
+    out = tmp_path / "merged"
+    _merge(capsys, tied_base, adapter, out)
+    shard = out / _stored(out)[HEAD]
+    header, body = read_raw_header(shard)
+    begin, end = header.pop(HEAD)["data_offsets"]
+    assert end == len(body), "the head comes after the shard's own tensors"
+    write_raw_header(shard, header, body[:begin])
+    index = json.loads((out / zoo.INDEX_NAME).read_text())
+    del index["weight_map"][HEAD]
+    (out / zoo.INDEX_NAME).write_text(json.dumps(index))
+
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", "--output", str(out), "--base", str(tied_base), "--adapter", str(adapter)])
+    assert exited.value.code == 1
+    assert f"tensor {HEAD!r} (untied from {EMBEDDING}) is missing from the output" in capsys.readouterr().out
