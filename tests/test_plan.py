@@ -196,26 +196,6 @@ def test_a_bare_target_parameter_name_does_not_capture_a_linear_module_of_that_n
     assert list(targets(plan)) == ["model.layers.0.mlp.down_proj.weight"]
 
 
-def test_a_trained_lm_head_copy_on_a_tied_checkpoint_is_refused(tmp_path):
-    import zoo
-    from peft import LoraConfig
-    from transformers import LlamaForCausalLM
-
-    base, adapter = zoo._dirs(tmp_path, "tied")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(zoo._tiny_llama_config(tie_word_embeddings=True))
-    zoo._save_base(model, base, torch.float32)
-    zoo._build_adapter(
-        model,
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-        adapter,
-        seed=3,
-        notes=[],
-    )
-    with pytest.raises(AdapterMismatchError, match="trained its own copy of lm_head .* tied to model.embed_tokens"):
-        make_plan(str(base), str(adapter), str(tmp_path / "out"))
-
-
 def test_a_merged_output_can_be_the_base_of_the_next_merge(llama_case, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(first), device="cpu")

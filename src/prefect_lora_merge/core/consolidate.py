@@ -142,7 +142,9 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2) + "\n").encode()
 
 
-def _updated_config(config: dict[str, Any], updates: dict[str, int], removals: tuple[str, ...] = ()) -> dict[str, Any]:
+def _updated_config(
+    config: dict[str, Any], updates: dict[str, int | bool], removals: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A copy of `config` with dotted keys set to new values and others removed."""
     config = copy.deepcopy(config)
 

@@ -97,7 +97,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
         base.version(shard.file) != job.base_versions.get(shard.file)
         or header.file_size != shard.base_size
         or header.header_bytes != shard.base_header_bytes
-        or header.tensors != tuple(t.base for t in shard.tensors)
+        or header.tensors != tuple(t.base for t in shard.tensors if t.source is None)
     ):
         raise _changed_since_planned(base.describe(shard.file))
     adapter = job.adapter
@@ -130,7 +130,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
 
     with job.output.atomic_writer(shard.file) as out, _write_behind(out, shard.file) as writer:
         writer.write(header_blob)
-        for segment in _read_ahead(job, shard, header.data_start, pool):
+        for segment in _read_ahead(job, shard, pool):
             if segment.tensor is None:
                 writer.write(segment.data, give_back=pool)
                 continue
@@ -398,24 +398,35 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, int, int]]:
-    """(tensor or None for a raw run, begin, end) in data order; raw runs are cut to PIECE_BYTES; dropped
-    tensors are not read."""
+def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, str, int, int]]:
+    """(tensor or None for raw bytes, base file, begin, end) in the output's data order: the shard's own tensors
+    (raw runs cut to PIECE_BYTES; dropped tensors not read), then the tensors it adds, read where the base stores
+    their bytes (copied ones in pieces too)."""
+    start = shard.base_data_start
     run_begin: int | None = None
     run_end = 0
     for tensor in shard.tensors:
+        if tensor.source is not None:
+            continue
         if not tensor.computed and not tensor.dropped:
             if run_begin is None:
                 run_begin = tensor.base.begin
             run_end = tensor.base.end
             continue
         if run_begin is not None:
-            yield from _chunks(run_begin, run_end)
+            yield from _chunks(shard.file, start + run_begin, start + run_end)
             run_begin = None
         if not tensor.dropped:
-            yield tensor, tensor.base.begin, tensor.base.end
+            yield tensor, shard.file, start + tensor.base.begin, start + tensor.base.end
     if run_begin is not None:
-        yield from _chunks(run_begin, run_end)
+        yield from _chunks(shard.file, start + run_begin, start + run_end)
+    for tensor in shard.tensors:
+        if tensor.source is not None:
+            begin, end = tensor.source.span
+            if tensor.computed:
+                yield tensor, tensor.source.file, begin, end
+            else:
+                yield from _chunks(tensor.source.file, begin, end)
 
 
 def _companion(tensor: PlannedTensor | None) -> TensorRef | None:
@@ -425,12 +436,12 @@ def _companion(tensor: PlannedTensor | None) -> TensorRef | None:
     return tensor.fp8.weight.codes if tensor.fp8.write == "scales" else tensor.fp8.weight.scales
 
 
-def _chunks(begin: int, end: int) -> Iterator[tuple[None, int, int]]:
+def _chunks(file: str, begin: int, end: int) -> Iterator[tuple[None, str, int, int]]:
     for start in range(begin, end, PIECE_BYTES):
-        yield None, start, min(end, start + PIECE_BYTES)
+        yield None, file, start, min(end, start + PIECE_BYTES)
 
 
-def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int, pool: BufferPool) -> Iterator[_Segment]:
+def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_Segment]:
     """Segments read by a background thread while the consumer computes and writes earlier ones.
 
     At most READ_AHEAD_BYTES are held ahead of the consumer; a segment larger than that is read only when nothing
@@ -447,7 +458,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int, pool: BufferPo
     def reader() -> None:
         nonlocal in_flight
         try:
-            for tensor, begin, end in _segments(shard):
+            for tensor, file, begin, end in _segments(shard):
                 companion = _companion(tensor)
                 size = end - begin + (companion.entry.nbytes if companion else 0)
                 with changed:
@@ -456,7 +467,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, data_start: int, pool: BufferPo
                         return
                     in_flight += size
                 data = pool.take(end - begin)
-                job.base.read_into(shard.file, data_start + begin, data)
+                job.base.read_into(file, begin, data)
                 extra = None
                 if companion is not None:
                     extra = pool.take(companion.entry.nbytes)

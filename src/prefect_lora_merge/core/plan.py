@@ -165,6 +165,10 @@ class PlannedTensor(BaseModel):
     shape: tuple[int, ...]  # output shape (differs from base only for a resized embedding)
     updates: tuple[Update, ...] = ()
     fp8: Fp8Role | None = None
+    # Set for a tensor the base does not store (the lm_head of an untied output): `base` then describes the tensor
+    # its value starts from, under the new name, and its bytes are read where the base stores them, through this
+    # reference (as an FP8 weight's companion is). Such tensors come after the shard's own, in the output only.
+    source: TensorRef | None = None
 
     @property
     def name(self) -> str:
@@ -212,13 +216,22 @@ class ShardPlan(BaseModel):
     def output_entries(self) -> tuple[TensorEntry, ...]:
         return layout([(t.name, t.dtype, t.shape) for t in self.written])
 
+    def base_ref(self, tensor: PlannedTensor) -> TensorRef:
+        """Where the base stores the bytes `tensor` starts from: in this shard, or its `source`."""
+        return tensor.source or TensorRef(file=self.file, data_start=self.base_data_start, entry=tensor.base)
+
     def copies_base_bytes(self) -> bool:
-        """No tensor changes value, dtype or shape, none is dropped: the output shard is the base shard."""
-        return all(not t.computed and not t.dropped and t.shape == t.base.shape for t in self.tensors)
+        """No tensor changes value, dtype or shape, none is dropped or added: the output shard is the base shard."""
+        return all(
+            not t.computed and not t.dropped and t.shape == t.base.shape and t.source is None for t in self.tensors
+        )
 
     def layout_unchanged(self) -> bool:
         """Same tensors, dtypes, shapes, hence offsets: the base's header bytes can be kept."""
-        return all(not t.dropped and t.shape == t.base.shape and t.dtype == t.base.dtype for t in self.tensors)
+        return all(
+            not t.dropped and t.shape == t.base.shape and t.dtype == t.base.dtype and t.source is None
+            for t in self.tensors
+        )
 
     def peak_bytes(self, adapter: AdapterIndex) -> int:
         """Working memory of this shard's merge: what the reader holds (its budget, or one larger tensor alone),
@@ -287,7 +300,7 @@ class MergePlan(BaseModel):
     base_has_index: bool
     index_metadata: dict[str, Any]
     extra_files: tuple[str, ...]
-    config_updates: dict[str, int]
+    config_updates: dict[str, int | bool]  # dotted keys of config.json set to new values (vocab_size, tie flags)
     config_removals: tuple[str, ...] = ()  # dotted keys dropped from config.json (a bf16 output's quantization_config)
     output_dtype: Literal["keep", "bf16", "fp8"] = "keep"
     decisions: tuple[str, ...]
@@ -380,6 +393,8 @@ def make_plan(
             tensor_updates = tuple(updates.get(entry.name, ()))
             shape = _replaced_shape(tensor_updates, adapter_index) or entry.shape
             planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates, fp8=roles.get(entry.name)))
+        if resolver.untied is not None and resolver.untied[0] in header.by_name():
+            planned.append(_untied_head(header, *resolver.untied, updates, adapter_index))
         shards.append(
             ShardPlan(
                 file=header.file,
@@ -611,11 +626,24 @@ class _Resolver:
         self.config = config
         self.decisions: list[str] = []
         self.tied_redirects: set[str] = set()  # modules whose updates land on the tied embedding
+        self.untied: tuple[str, str] | None = None  # (embedding, head) once the output gets a head of its own
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         self.model_type = str(config.get("model_type") or text.get("model_type") or "")
 
     def resolve(self, name: str) -> tuple[str | None, str | None]:
-        """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix."""
+        """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix, then the
+        embedding a tied head shares."""
+        found, why = self.stored(name)
+        if found is not None or why is not None:
+            return found, why
+        tied = self._tied_embedding(name)
+        if tied:
+            self.tied_redirects.add(name.rpartition(".")[0])
+            return tied, None
+        return None, f"{name} has no matching tensor in the base checkpoint"
+
+    def stored(self, name: str) -> tuple[str | None, str | None]:
+        """The tensor the checkpoint stores under `name`, as `resolve` finds it, but never through a tied head."""
         if name in self.catalog:
             return name, None
         found = sorted({c for c in _rewrites(name) if c in self.catalog})
@@ -628,11 +656,24 @@ class _Resolver:
             return matches[0], None
         if len(matches) > 1:
             return None, f"{name} is ambiguous: it matches {matches[:4]} by suffix"
-        tied = self._tied_embedding(name)
-        if tied:
-            self.tied_redirects.add(name.rpartition(".")[0])
-            return tied, None
-        return None, f"{name} has no matching tensor in the base checkpoint"
+        return None, None
+
+    def tied_embedding(self) -> str | None:
+        """The one embedding the output head shares, when the config ties them and the checkpoint stores no head."""
+        if not _ties_embeddings(self.config) or any(_HEAD_WEIGHT.search(n) for n in self.catalog):
+            return None
+        embeddings = sorted(n for n in self.catalog if n.endswith(EMBEDDING_NAMES) and "vision" not in n)
+        return embeddings[0] if len(embeddings) == 1 else None
+
+    def untie(self) -> tuple[str, str]:
+        """Give the output a head of its own: (embedding, head). The head joins the catalog as the embedding's
+        twin (its base value is the embedding's), so every name of the head resolves to it from now on."""
+        embedding = self.tied_embedding()
+        assert embedding is not None, "untie() needs a tied checkpoint"
+        head = _head_name(embedding)
+        self.catalog = {**self.catalog, head: self.catalog[embedding].model_copy(update={"name": head})}
+        self.untied = (embedding, head)
+        return self.untied
 
     def _suffix_matches(self, name: str) -> list[str]:
         parts = name.split(".")
@@ -647,20 +688,35 @@ class _Resolver:
         return []
 
     def _tied_embedding(self, name: str) -> str | None:
-        if not re.search(r"(^|\.)lm_head\.weight$", name) or not _ties_embeddings(self.config):
+        if not _HEAD_WEIGHT.search(name):
             return None
-        embeddings = sorted(n for n in self.catalog if n.endswith(EMBEDDING_NAMES) and "vision" not in n)
-        if len(embeddings) != 1:
+        embedding = self.tied_embedding()
+        if embedding is None:
             return None
         decision = (
-            f"tied embeddings: the checkpoint stores only {embeddings[0]}, shared with lm_head; the adapter's "
-            f"lm_head update is applied to {embeddings[0]} after the embedding's own, as PEFT's merge does to the "
+            f"tied embeddings: the checkpoint stores only {embedding}, shared with lm_head; the adapter's "
+            f"lm_head update is applied to {embedding} after the embedding's own, as PEFT's merge does to the "
             "shared tensor (the unmerged PEFT model applies each delta on its own path only; no tied tensor can "
             "reproduce both)"
         )
         if decision not in self.decisions:
             self.decisions.append(decision)
-        return embeddings[0]
+        return embedding
+
+
+_HEAD_WEIGHT = re.compile(r"(^|\.)lm_head\.weight$")
+# The output head's name beside a tied embedding, in the checkpoint's own layout: `<outer>lm_head.weight` for an
+# embedding `<outer><text model body><embedding>.weight` (`model.`, `transformer.`, v5 multimodal
+# `model.language_model.`; `language_model.model.` in older multimodal checkpoints keeps `language_model.`).
+_EMBEDDING_LAYOUT = re.compile(
+    r"^(?P<outer>.*?)(model\.language_model\.|model\.|transformer\.)?"
+    r"(embed_tokens|wte|word_embeddings|embeddings)\.weight$"
+)
+
+
+def _head_name(embedding: str) -> str:
+    match = _EMBEDDING_LAYOUT.match(embedding)
+    return f"{match['outer'] if match else ''}lm_head.weight"
 
 
 def _ties_embeddings(config: dict[str, Any]) -> bool:
@@ -692,7 +748,10 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A|lora_B)\.(?P<param>wei
 _EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.weight)?$")
 _TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
-_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+# A module's tensor under a PEFT wrapper: the base copy beside an adapted layer (`base_layer`), or beside a
+# modules_to_save copy when PEFT saves the embedding layers of a resized vocabulary (`original_module`, and
+# `modules_to_save`, a duplicate of the copy `<module>.weight` that PEFT's loader ignores).
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.(base_layer|original_module|modules_to_save)\.(?P<param>weight|bias)$")
 # The out_proj of an nn.MultiheadAttention, which PEFT wraps inside the attention's own LoRA layer.
 _MHA_OUT_PROJ = re.compile(r"^(?P<attention>.+)\.base_layer\.out_proj$")
 
@@ -716,7 +775,7 @@ def _plan_updates(
     config: dict[str, Any],
     fp8_weights: set[str],
     quantized: QuantizedBase | None = None,
-) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int]]:
+) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int | bool]]:
     groups: dict[str, _Group] = {}
     replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
     token_keys: list[tuple[str, str]] = []
@@ -757,7 +816,7 @@ def _plan_updates(
 
     updates: dict[str, list[Update]] = defaultdict(list)
     usage: dict[str, list[str]] = {}
-    config_updates: dict[str, int] = {}
+    config_updates: dict[str, int | bool] = {}
     replaced_shapes: dict[str, tuple[int, ...]] = {}
 
     # Tensors a LoRA variant saves for training only: applied nowhere (an empty usage), as in PEFT's merge; each
@@ -784,28 +843,32 @@ def _plan_updates(
         for k in update_keys(update):
             usage.setdefault(k, []).append(target)
 
+    # A trained copy of a tied embedding or head makes the two paths differ in the trained model: the output gets a
+    # head of its own, so every update of the head lands on it (and none on the embedding).
+    copies = _trained_copies_of_tied(adapter, resolver, replacements)
+    if copies:
+        resolver.untie()
+        config_updates.update(_untie_updates(config))
+
     # Full-tensor replacements come first: PEFT loads them into the base before any delta is merged on top.
+    resized: dict[str, tuple[int, int]] = {}  # tensor -> rows in the base, rows in the adapter
     for key, name in replacements:
         target, why = resolver.resolve(name)
         if target is None:
             problems.append(f"{key}: {why}")
             continue
         module = name.rpartition(".")[0]
-        if module in resolver.tied_redirects and ".base_layer." not in key:
+        base_shape, new_shape = resolver.catalog[target].shape, adapter.tensors[key].shape
+        if target in replaced_shapes and replaced_shapes[target] != new_shape:
             problems.append(
-                f"{key}: the adapter trained its own copy of {module} (modules_to_save) but the base stores it tied "
-                f"to {target}; the merged checkpoint would need an untied {name} the base does not have. Merge "
-                "this adapter with PEFT in memory, or retrain without modules_to_save on a tied module"
+                f"{key}: shape {list(new_shape)} differs from {list(replaced_shapes[target])}, which another adapter "
+                f"tensor replacing {target} has; the adapter file is inconsistent"
             )
             continue
-        base_shape, new_shape = resolver.catalog[target].shape, adapter.tensors[key].shape
         if new_shape != base_shape:
             if len(new_shape) == 2 and len(base_shape) == 2 and new_shape[1] == base_shape[1]:
                 config_updates.update(_vocab_update(config, base_shape[0], new_shape[0]))
-                resolver.decisions.append(
-                    f"resized embedding: {target} goes from {base_shape[0]} to {new_shape[0]} rows (the adapter "
-                    f"saved the resized tensor as {key})"
-                )
+                resized[target] = (base_shape[0], new_shape[0])
             else:
                 problems.append(f"{key}: shape {list(new_shape)} does not fit {target} {list(base_shape)}")
                 continue
@@ -821,12 +884,49 @@ def _plan_updates(
     # PEFT merges module by module in model order; on a tied tensor the embedding's own updates come before the
     # ones redirected from lm_head. Within that: full replacements, then deltas, then token rows.
     # A replacement from `base_layer.weight` is the base copy PEFT loads before merging anything, also on a tied
-    # tensor, so it always comes first.
+    # tensor, so it always comes first; among one module's replacements the base copies come before the trained one.
     kind_order = {"replace": 0, "delta": 1, "rows": 2}
     for tensor_updates in updates.values():
         tensor_updates.sort(
-            key=lambda u: (u.kind != "replace", u.module in resolver.tied_redirects, kind_order[u.kind])
+            key=lambda u: (
+                u.kind != "replace",
+                u.module in resolver.tied_redirects,
+                kind_order[u.kind],
+                _replacement_rank(u.adapter_tensors[0]) if u.kind == "replace" else 0,
+            )
         )
+    # Only the last full replacement of a tensor counts: those before it are not read (their keys change nothing).
+    for target, tensor_updates in updates.items():
+        last = max((i for i, u in enumerate(tensor_updates) if u.kind == "replace"), default=0)
+        superseded = [k for u in tensor_updates[:last] for k in update_keys(u)]
+        if superseded:
+            for k in superseded:
+                usage[k].remove(target)
+            del tensor_updates[:last]
+            resolver.decisions.append(
+                f"superseded replacements: {', '.join(superseded)} would replace all of {target}, and "
+                f"{tensor_updates[0].adapter_tensors[0]} replaces it after them (as PEFT loads them): only the last "
+                "is merged"
+            )
+    for target, (old_rows, new_rows) in resized.items():
+        key = next(u.adapter_tensors[0] for u in reversed(updates[target]) if u.kind == "replace")
+        resolver.decisions.append(
+            f"resized embedding: {target} goes from {old_rows} to {new_rows} rows (the adapter saved the resized "
+            f"tensor as {key})"
+        )
+    if resolver.untied is not None:
+        embedding, head = resolver.untied
+        rows = {name: shape_of(name)[0] for name in resolver.untied}
+        if rows[embedding] != rows[head]:
+            short, long = sorted(resolver.untied, key=lambda n: rows[n])
+            problems.append(
+                f"{short}: the untied output needs it with {rows[long]} rows, as {long} has (a resized vocabulary), "
+                f"but the adapter holds no {short} of that size, so the trained model's new rows are unknown; save "
+                "the adapter again with save_embedding_layers=True (PEFT then stores both embedding layers)"
+            )
+        if embedding in fp8_weights:
+            problems.append(f"{embedding} is FP8: this tool cannot untie a block-quantized embedding from its head")
+        resolver.decisions.append(_untie_decision(embedding, head, copies, updates.get(head, [])))
     for target in updates:
         dtype = resolver.catalog[target].dtype
         if dtype not in FLOAT_DTYPES and target not in fp8_weights:
@@ -889,6 +989,59 @@ def _touched_quantized(
         if target in quantized.weights:
             touched.setdefault(target, quantized.weights[target])
     return sorted(touched.values(), key=lambda w: w.name)
+
+
+def _replacement_rank(key: str) -> int:
+    """The order of one module's full replacements, as PEFT loads them: the base copies it saves beside an adapted
+    or wrapped layer, then the duplicate of a trained copy, then the trained copy (`<module>.weight`)."""
+    if ".base_layer." in key or ".original_module." in key:
+        return 0
+    return 1 if ".modules_to_save." in key else 2
+
+
+def _trained_copies_of_tied(
+    adapter: AdapterIndex, resolver: _Resolver, replacements: list[tuple[str, str]]
+) -> list[str]:
+    """The adapter's trained copies (modules_to_save) of an embedding or head that the checkpoint stores as one tied
+    tensor: PEFT trains such a copy on its own path (the other keeps the base tensor), so the trained model's
+    embedding and head differ. Not with ensure_weight_tying, where PEFT shares one copy between the two."""
+    embedding = resolver.tied_embedding()
+    if embedding is None or adapter.raw_config.get("ensure_weight_tying"):
+        return []
+    wrapped = adapter.config.modules_to_save or []
+    copies = []
+    for key, name in replacements:
+        module = name.rpartition(".")[0]
+        # PEFT wraps every module whose name ends with a modules_to_save entry.
+        if _replacement_rank(key) < 2 or not any(module.endswith(entry) for entry in wrapped):
+            continue
+        stored, _ = resolver.stored(name)
+        if stored == embedding or (stored is None and _HEAD_WEIGHT.search(name)):
+            copies.append(key)
+    return copies
+
+
+def _untie_updates(config: dict[str, Any]) -> dict[str, bool]:
+    """tie_word_embeddings: false at the top of config.json and in its text_config: transformers ties weights by the
+    config of each model class it builds, and a config without the key gets its class's default (often true)."""
+    updates = {"tie_word_embeddings": False}
+    if isinstance(config.get("text_config"), dict):
+        updates["text_config.tie_word_embeddings"] = False
+    return updates
+
+
+def _untie_decision(embedding: str, head: str, copies: list[str], updates: list[Update]) -> str:
+    replaced = [u.adapter_tensors[0] for u in updates if u.kind == "replace"]
+    value = f"the adapter's {replaced[-1]}" if replaced else f"the base's {embedding}"
+    if any(u.kind == "delta" for u in updates):
+        value += " plus its LoRA delta"
+    modules = sorted({key.rpartition(".")[0] for key in copies})
+    return (
+        f"untied embeddings: the checkpoint stores only {embedding}, shared with the output head, but the adapter "
+        f"trained its own copy of {' and '.join(modules)} (modules_to_save), so the trained model's embedding and head "
+        f"are different tensors; the output stores {head} apart ({value}) and config.json gets tie_word_embeddings: "
+        "false"
+    )
 
 
 def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[str, int]:
@@ -1272,8 +1425,23 @@ def _plan_tokens(
     return []
 
 
+def _untied_head(
+    header: ShardHeader, embedding: str, head: str, updates: dict[str, list[Update]], adapter: AdapterIndex
+) -> PlannedTensor:
+    """The output head of an untied output: a tensor the base does not store, in the embedding's shard after the
+    shard's own tensors, starting from the embedding's base bytes."""
+    entry = header.by_name()[embedding]
+    head_updates = tuple(updates.get(head, ()))
+    return PlannedTensor(
+        base=entry.model_copy(update={"name": head}),
+        shape=_replaced_shape(head_updates, adapter) or entry.shape,
+        updates=head_updates,
+        source=TensorRef(file=header.file, data_start=header.data_start, entry=entry),
+    )
+
+
 def _replaced_shape(updates: tuple[Update, ...], adapter: AdapterIndex) -> tuple[int, ...] | None:
-    for update in updates:
+    for update in reversed(updates):
         if update.kind == "replace":
             return tuple(adapter.tensors[update.adapter_tensors[0]].shape)
     return None

@@ -159,9 +159,8 @@ class _TensorCheck:
         base_rows, _ = _as_rows(tensor.base.shape)
         if rows.stop > base_rows:  # a resized embedding's new rows: the adapter replaces the whole tensor
             return None
-        return _read_rows(self.plan.job.base, self.shard.file, self.shard.base_data_start, tensor.base, rows).to(
-            torch.float64
-        )
+        ref = self.shard.base_ref(tensor)  # an added tensor (an untied head) starts from another's bytes
+        return _read_rows(self.plan.job.base, ref.file, ref.data_start, ref.entry, rows).to(torch.float64)
 
     def _scales(self, location: Location, rows: slice) -> torch.Tensor:
         """The scale-grid rows covering these weight rows, from the base or from the output."""
@@ -387,14 +386,12 @@ def _compare_copied_bytes(plan: MergePlan, shard: ShardPlan, header: ShardHeader
     written = header.by_name()
     copied = [t for t in shard.tensors if not t.computed and not t.dropped and t.base.nbytes and t.name in written]
     samples = list(_copied_samples(shard.file, copied))
-    base_start = shard.base_data_start
     for tensor, offset, length in samples:
         out_entry = written[tensor.name]
         if out_entry.nbytes != tensor.base.nbytes:
             continue  # the structure checks name a changed size
-        base_bytes = plan.job.base.read_bytes(
-            shard.file, base_start + tensor.base.begin + offset, base_start + tensor.base.begin + offset + length
-        )
+        ref = shard.base_ref(tensor)  # an added tensor (an untied head) is a copy of another's bytes
+        base_bytes = plan.job.base.read_bytes(ref.file, ref.span[0] + offset, ref.span[0] + offset + length)
         out_bytes = plan.job.output.read_bytes(
             shard.file,
             header.data_start + out_entry.begin + offset,

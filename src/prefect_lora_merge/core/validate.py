@@ -197,7 +197,8 @@ def _check_against_plan(
                     )
                 continue
             if entry is None:
-                failures.append(f"{shard.file}: tensor {tensor.name!r} of the base is missing from the output")
+                what = "of the base" if tensor.source is None else f"(untied from {tensor.source.entry.name})"
+                failures.append(f"{shard.file}: tensor {tensor.name!r} {what} is missing from the output")
             elif entry.dtype != tensor.dtype or entry.shape != tensor.shape:
                 failures.append(
                     f"{shard.file}: tensor {tensor.name!r} is {entry.dtype} {list(entry.shape)}, planned "
