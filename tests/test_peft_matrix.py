@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zoo
 from checkpoint_tools import tree_digest, write_checkpoint
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import BdLoraConfig, MontecloraConfig, VeloraConfig
@@ -227,17 +228,10 @@ def test_a_lora_on_a_grouped_convolution_is_refused_as_groups_above_one_not_as_a
 
 
 def _llama(directory: Path, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        **overrides,
+    config = zoo._tiny_llama_config(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, **overrides
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

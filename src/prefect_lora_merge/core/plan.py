@@ -413,8 +413,15 @@ def make_plan(
         output=output_loc,
         device=device,
         fp8_min_cosine=fp8_min_cosine,
+        fingerprint=merge_fingerprint(
+            base_headers=headers,
+            base_versions=versions,
+            base_config=config_bytes,
+            adapter=adapter_index,
+            output_dtype=mode,
+        ),
     )
-    plan = MergePlan(
+    return MergePlan(
         job=job,
         shards=tuple(shards),
         base_has_index=has_index,
@@ -426,14 +433,6 @@ def make_plan(
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )
-    fingerprint = merge_fingerprint(
-        base_headers=headers,
-        base_versions=versions,
-        base_config=config_bytes,
-        adapter=adapter_index,
-        output_dtype=mode,
-    )
-    return plan.model_copy(update={"job": job.model_copy(update={"fingerprint": fingerprint})})
 
 
 def _parse_config(base: Location, data: bytes | None) -> dict[str, Any]:
