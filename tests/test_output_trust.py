@@ -304,3 +304,34 @@ def test_a_merged_output_used_as_the_next_base_gives_an_output_that_validates(ca
     manifest = json.loads((second / MANIFEST_FILE).read_text())
     assert MANIFEST_FILE not in manifest["files"] and REPORT_FILE not in manifest["files"]
     assert json.loads((second / REPORT_FILE).read_text())["output"] == str(second)
+
+
+@pytest.mark.parametrize(
+    "planted, kind",
+    [
+        (".lora-merge", "file"),
+        (".lora-merge/lease.json", "directory"),
+        (".lora-merge/run.json", "directory"),
+        (".lora-merge/shards/model-00003-of-00006.safetensors.json", "directory"),
+        ("lora-merge-manifest.json", "directory"),
+        ("model-00002-of-00006.safetensors", "directory"),
+    ],
+)
+def test_a_file_or_directory_in_the_way_of_the_merge_is_refused_before_anything_is_written(
+    capsys, llama_case, tmp_path, planted, kind
+):
+    out = tmp_path / "out"
+    (out / planted).parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        (out / planted).write_text("someone's")
+    else:
+        (out / planted).mkdir()
+        (out / planted / "inside").write_text("someone's")
+    before = tree_digest(out)
+    args = ("run", "--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir), "--output", str(out))
+
+    code, message = run_cli(capsys, *args, "--overwrite")
+
+    assert code == 1
+    assert f"{out / planted} is a {kind} where this tool keeps a" in message, message
+    assert tree_digest(out) == before, "nothing was written"

@@ -102,13 +102,22 @@ def committed_record(job: MergeJob, shard: ShardPlan) -> ShardRecord | None:
     return record if output.sha256(shard.file) == record.sha256 else None
 
 
+def output_names(plan: MergePlan) -> list[str]:
+    """Every file this merge writes in the output, its state files included."""
+    shards = [s.file for s in plan.shards]
+    return [*shards, INDEX_FILE, *plan.extra_files, *OWN_FILES, RUN_FILE, *map(record_name, shards)]
+
+
 def claim_output(plan: MergePlan, *, overwrite: bool = False) -> None:
     """Make the output this merge's: refuse one that holds another merge, or files that are not a merge of this
     tool at all (unless `overwrite`), withdraw the manifest of a finished run before anything is rewritten, and
     record this merge's fingerprint. Call it holding the output's lease."""
     output = plan.job.output
+    # Before any write: no link (into the base, say), file or directory in the way of what this merge writes.
     for directory in (STATE_DIR, SHARDS_DIR):
-        output.writable_path(directory, itself=True)  # refuses a link (into the base, say) before any write
+        output.writable_path(directory, directory=True)
+    for name in output_names(plan):
+        output.writable_path(name)
     previous = _previous_fingerprint(output)
     if previous is None:
         foreign = _foreign_entries(output)
@@ -171,7 +180,7 @@ def _remove_other_merge(plan: MergePlan) -> None:
     the output, and its size and sha256 are the ones recorded: proof that this tool wrote it. The lease (this run's)
     stays."""
     output = plan.job.output
-    ours = {s.file for s in plan.shards} | set(plan.extra_files) | {INDEX_FILE, *OWN_FILES}
+    ours = set(output_names(plan))
     written: dict[str, tuple[int, str | None]] = {}
     for record in _records(output):
         written[record.file] = (record.bytes, record.sha256)

@@ -150,22 +150,37 @@ class Location:
             )
         return posixpath.join(self.root, name)
 
-    def writable_path(self, name: str, *, itself: bool = False) -> str:
-        """The path of `name` for a write or a removal, checked not to pass through a symbolic link inside this
-        location (one pointing into the base, say): the tool never writes or deletes through a link. With `itself`,
-        `name` may not be a link either."""
+    def writable_path(self, name: str, *, directory: bool = False) -> str:
+        """The path of `name` for a write or a removal, checked locally: no directory on the way from this
+        location's root is a symbolic link (one pointing into the base, say: the tool never writes or deletes
+        through a link) or a file, and `name` itself is no directory where a file goes (with `directory`: a
+        directory, or nothing, and no link). A link where a file goes is replaced or removed itself, never
+        followed."""
         target = self.path(name)
         if not self.is_local:
             return target
-        parts = name.split("/")
         current = self.root
-        for part in parts if itself else parts[:-1]:
+        parts = name.split("/")
+        for depth, part in enumerate(parts, start=1):
             current = os.path.join(current, part)
-            if os.path.islink(current):
+            where = self.describe("/".join(parts[:depth]))
+            last = depth == len(parts)
+            if os.path.islink(current) and (directory or not last):
                 raise OutputLocationError(
-                    f"{self.describe(os.path.relpath(current, self.root))} is a symbolic link (to "
-                    f"{os.readlink(current)}): this tool never writes or deletes through a link; remove the link, or "
-                    "choose another location"
+                    f"{where} is a symbolic link (to {os.readlink(current)}): this tool never writes or deletes "
+                    "through a link; remove the link, or choose another location"
+                )
+            if not os.path.lexists(current) or os.path.islink(current):
+                continue
+            if (directory or not last) and not os.path.isdir(current):
+                raise OutputLocationError(
+                    f"{where} is a file where this tool keeps a directory; it was not written by this tool: remove "
+                    "it, or choose another location"
+                )
+            if last and not directory and os.path.isdir(current):
+                raise OutputLocationError(
+                    f"{where} is a directory where this tool keeps a file; it was not written by this tool: remove "
+                    "it, or choose another location"
                 )
         return target
 
@@ -374,7 +389,7 @@ class Location:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create `name` holding `data` only if it does not exist (O_EXCL locally, If-None-Match on S3).
         Returns False when it already exists."""
-        fs, target = self.fs, self.writable_path(name, itself=True)
+        fs, target = self.fs, self.writable_path(name)
         if isinstance(fs, LocalFileSystem):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
@@ -443,24 +458,19 @@ class Location:
         if self.is_link(name):
             os.unlink(target)
         elif self.exists(name):
-            if self.fs.isdir(target):
-                raise OutputLocationError(
-                    f"{self.describe(name)} is a directory where this tool keeps a file; it was not written by this "
-                    "tool: remove it, or choose another location"
-                )
             self.fs.rm(target)
 
     def remove_empty_directory(self, name: str) -> None:
         """Remove the directory `name` if it is empty (locally; object stores have no empty directories)."""
         if self.is_local:
             try:
-                os.rmdir(self.writable_path(name, itself=True))
+                os.rmdir(self.writable_path(name, directory=True))
             except OSError:  # not empty, absent, or not a directory: leave it
                 pass
 
     def remove_tree(self, name: str) -> None:
         if self.exists(name):
-            self.fs.rm(self.writable_path(name, itself=True), recursive=True)
+            self.fs.rm(self.writable_path(name, directory=True), recursive=True)
 
     # -- relations ----------------------------------------------------------------------------------------------
 
