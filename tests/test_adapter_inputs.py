@@ -4,6 +4,8 @@ one line that names the file, tensor or config key and what to do; a NaN/Inf the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -14,12 +16,16 @@ from checkpoint_tools import (
     copy_adapter,
     edit_adapter_config,
     edit_adapter_tensors,
+    edit_checkpoint_tensor,
     tree_digest,
+    write_adapter,
+    write_checkpoint,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from prefect_lora_merge.cli import main
 
+MANIFEST = "lora-merge-manifest.json"
 UP_1 = "base_model.model.model.layers.1.mlp.up_proj"
 
 
@@ -28,6 +34,21 @@ def inputs(llama_case, tmp_path):
     """A private copy of the llama base (fp32) and its all-linear adapter (r 4, layer 0 q_proj r 8) to damage."""
     base = Path(shutil.copytree(llama_case.base_dir, tmp_path / "base"))
     adapter = copy_adapter(llama_case.adapter_dir, tmp_path / "adapter")
+    return base, adapter, tmp_path / "out"
+
+
+@pytest.fixture(scope="module")
+def bf16_case(tmp_path_factory):
+    """A bf16 llama base and a real PEFT rsLoRA adapter trained on it (fp32 factors)."""
+    import zoo
+
+    return zoo.build_llama_rslora_bf16(tmp_path_factory.mktemp("bf16"))
+
+
+@pytest.fixture
+def bf16_inputs(bf16_case, tmp_path):
+    base = Path(shutil.copytree(bf16_case.base_dir, tmp_path / "base"))
+    adapter = copy_adapter(bf16_case.adapter_dir, tmp_path / "adapter")
     return base, adapter, tmp_path / "out"
 
 
@@ -312,3 +333,123 @@ def test_an_integer_modules_to_save_copy_of_a_float_weight_is_refused(capsys, in
     )
     edit_adapter_config(adapter, modules_to_save=["lm_head"])
     assert_refused(capsys, base, adapter, out, "lm_head.weight is I64", "floating-point lm_head.weight (F32)")
+
+
+# -- NaN/Inf: the merge refuses them, validation finds them anywhere ------------------------------------------------
+
+
+def _overflowing_bf16(adapter: Path, module: str, scale: float) -> tuple[int, int]:
+    """Scale the module's lora_B so that the largest |ΔW| is 3.40e38: finite in fp32, Inf once rounded to bf16
+    (whose largest value is 3.39e38). Returns where that value is."""
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    A, B = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+    delta = (B @ A) * scale
+    factor = (3.40e38 / float(delta.abs().max())) ** 0.5
+    tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = A * factor, B * factor
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    scaled = (B * factor @ (A * factor)) * scale
+    assert torch.isfinite(scaled).all() and not torch.isfinite(scaled.to(torch.bfloat16)).all()
+    row, col = divmod(int(delta.abs().argmax()), delta.shape[1])
+    return row, col
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("path", ["lora delta, merged in tiles", "modules_to_save copy, merged whole"])
+def test_nan_or_inf_the_adapter_brings_is_refused_even_where_the_base_holds_inf_elsewhere(capsys, bf16_inputs, path):
+    """A base with an Inf of its own in the tensor must not switch the check off for the rest of it."""
+    base, adapter, out = bf16_inputs
+    if path.startswith("lora"):
+        target, module = "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj"
+        # rsLoRA: scale alpha/sqrt(r) = 8/2
+        row, col = _overflowing_bf16(adapter, f"base_model.model.{module}", 4.0)
+    else:
+        target, module, row, col = "lm_head.weight", "lm_head", 0, 0
+        edit_adapter_tensors(
+            adapter,
+            lambda t: t.update(
+                {"base_model.model.lm_head.weight": torch.full((128, 32), float("nan"), dtype=torch.bfloat16)}
+            ),
+        )
+        edit_adapter_config(adapter, modules_to_save=["lm_head"])
+
+    def plant_inf(weight):
+        weight[(row + 7) % weight.shape[0], (col + 3) % weight.shape[1]] = float("inf")
+
+    edit_checkpoint_tensor(base, target, plant_inf)
+    before = tree_digest(base), tree_digest(adapter)
+    code, _, err = cli(capsys, "run", "--base", str(base), "--adapter", str(adapter), "--output", str(out))
+    assert_one_error_line(code, err, f"merging into {target} produced NaN/Inf", module, "beyond BF16's range")
+    assert not (out / MANIFEST).exists(), "a failed merge is never published"
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not (out / index[target]).exists(), "the shard that failed is not committed"
+    assert (tree_digest(base), tree_digest(adapter)) == before
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_inf_the_base_holds_in_a_touched_weight_is_kept_and_the_output_validates(capsys, inputs):
+    """Where the base is already Inf, W + ΔW is Inf too (PEFT's merge gives the same): not the merge's fault."""
+    base, adapter, out = inputs
+    target = "model.layers.1.mlp.up_proj.weight"
+
+    def plant_inf(weight):
+        weight[3, 5] = float("inf")
+
+    edit_checkpoint_tensor(base, target, plant_inf)
+    # --device cpu: the device `validate` plans with (until the fingerprint leaves the device out, issue 15)
+    run = ["run", "--base", str(base), "--adapter", str(adapter), "--output", str(out), "--device", "cpu"]
+    code, stdout, err = cli(capsys, *run)
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = load_file(str(out / index[target]))[target]
+    assert merged[3, 5] == float("inf") and int(torch.isfinite(merged).logical_not().sum()) == 1
+    code, stdout, err = cli(capsys, "validate", "--output", str(out), "--base", str(base), "--adapter", str(adapter))
+    assert code == 0 and stdout.startswith("passed"), (stdout, err)
+
+
+def _reseal(out: Path, shard: str) -> None:
+    """Record the shard's current bytes in the manifest, as if the merge had written them: only the values are
+    wrong, never the checksums."""
+    data = (out / shard).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"][shard] = {"bytes": len(data), "sha256": sha}
+    for record in manifest["shards"]:
+        if record["file"] == shard:
+            record["sha256"] = sha
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    record_path = out / ".lora-merge" / "shards" / f"{shard}.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        record["sha256"] = sha
+        record_path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float32, float("inf")), (torch.bfloat16, float("nan"))])
+def test_validation_finds_nan_or_inf_the_merge_wrote_outside_the_rows_it_samples(capsys, tmp_path, dtype, value):
+    from prefect_lora_merge.core.pipeline import merge_checkpoint
+    from prefect_lora_merge.core.recompute import _sample_runs
+
+    name, rows, cols = "model.layers.0.mlp.up_proj.weight", 8192, 64
+    base = write_checkpoint(
+        tmp_path / "base",
+        {name: torch.randn(rows, cols).to(dtype), "model.norm.weight": torch.ones(cols).to(dtype)},
+    )
+    lora = {
+        "model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(2, cols),
+        "model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(rows, 2),
+    }
+    adapter = write_adapter(tmp_path / "adapter", lora)
+    out = tmp_path / "out"
+    merge_checkpoint(str(base), str(adapter), str(out), device="cpu")
+    sampled = {r for run in _sample_runs(name, rows, cols, 1) for r in range(run.start, run.stop)}
+    row = next(r for r in range(rows // 3, rows) if r not in sampled)
+    shard = "model.safetensors"
+    tensors = load_file(str(out / shard))
+    tensors[name][row, 17] = value
+    save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    _reseal(out, shard)
+
+    code, stdout, err = cli(capsys, "validate", "--output", str(out), "--base", str(base), "--adapter", str(adapter))
+    assert_one_error_line(code, err, f"{shard}: {name} holds 1 NaN/Inf value(s) where the base's values are finite")
+    assert f"FAIL {shard}: {name} holds 1 NaN/Inf value(s)" in stdout
+    assert f"(first at row {row}, column 17)" in stdout
