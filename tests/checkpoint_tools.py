@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -66,11 +68,26 @@ def write_checkpoint(directory: Path, tensors: dict, *, config: dict | None = No
 
 
 def write_adapter(directory: Path, tensors: dict, **config) -> Path:
-    """A PEFT-format LoRA adapter: keys get the `base_model.model.` prefix PEFT writes."""
+    """A PEFT-format LoRA adapter: keys get the `base_model.model.` prefix PEFT writes; target_modules names the
+    modules the LoRA tensors are on (their last name part), unless given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    lora_modules = {re.sub(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.\w+)?$", "", k) for k in tensors}
+    targets = sorted({m.rpartition(".")[2] for m in lora_modules if m not in tensors}) or ["q_proj"]
     (directory / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **config})
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": targets, **config})
     )
     return directory
+
+
+def edit_checkpoint_tensor(directory: Path, name: str, edit) -> None:
+    """Apply `edit(tensor)` in place to one tensor of a checkpoint, in whichever shard holds it (metadata kept)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    with safe_open(directory / shard, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(directory / shard))
+    edit(tensors[name])
+    save_file(tensors, str(directory / shard), metadata=metadata)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import re
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import AdapterError, UnsupportedAdapterError
 from .safetensors_format import DTYPES, TensorEntry, dtype_name, read_header, tensor_from_bytes
@@ -74,12 +75,14 @@ class AdapterConfig(BaseModel):
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     target_modules: Any = None
+    exclude_modules: Any = None
     target_parameters: list[str] | None = None
     modules_to_save: list[str] | None = None
     trainable_token_indices: Any = None
     layers_to_transform: Any = None
     layers_pattern: Any = None
     use_bdlora: BlockDiagonal | None = None
+    ensure_weight_tying: bool = False
     peft_version: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -94,6 +97,54 @@ class AdapterConfig(BaseModel):
             return float(self.alpha_pattern.get(chosen, self.lora_alpha))
         chosen = pattern_key(self.alpha_pattern, key)
         return float(self.alpha_pattern[chosen]) if chosen else float(self.lora_alpha)
+
+    def rank_key(self, key: str, rule: str) -> str | None:
+        """The rank_pattern entry that sets r for the module or parameter `key` under one of PEFT's pattern rules
+        (the same rules as alpha's), or None: then r applies."""
+        if rule in ("0.13", "0.14"):
+            patterns = [*self.rank_pattern, *self.alpha_pattern] if rule == "0.13" else list(self.rank_pattern)
+            chosen = next((k for k in patterns if re.match(rf".*\.{k}$", key)), key)
+            return chosen if chosen in self.rank_pattern else None
+        return pattern_key(self.rank_pattern, key)
+
+    def rank(self, key: str, rule: str) -> int:
+        chosen = self.rank_key(key, rule)
+        return int(self.rank_pattern[chosen]) if chosen is not None else self.r
+
+    def targets_module(self, name: str) -> bool | None:
+        """Whether PEFT gives the module `name` a LoRA layer from `target_modules` (its
+        `check_target_module_exists`): a string is a regex matched against the whole name ("all-linear": every
+        linear layer), a list matches a name equal to an entry or ending in "." + entry, then restricted by
+        `layers_to_transform` / `layers_pattern`; `exclude_modules` wins. None where the config does not say
+        (neither target_modules nor target_parameters: PEFT would pick modules by model type)."""
+        if self.target_modules is None and self.target_parameters is None:
+            return None
+        if _named_by(self.exclude_modules, name):
+            return False
+        targets = self.target_modules
+        if targets is None:
+            return False
+        if isinstance(targets, str):
+            return targets.lower() == "all-linear" or re.fullmatch(targets, name) is not None
+        if name in targets:
+            return True
+        if not _named_by(targets, name):
+            return False
+        layers = self.layers_to_transform
+        if layers is None or layers == []:
+            return True
+        pattern_cfg = self.layers_pattern
+        patterns = [] if not pattern_cfg else [pattern_cfg] if isinstance(pattern_cfg, str) else list(pattern_cfg)
+        # The first numbered segment is the layer index (not an expert index further down the name).
+        found = None if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        for pattern in patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if found:
+                break
+        if found is None:
+            return False
+        index = int(found["idx"])
+        return index == layers if isinstance(layers, int) else index in layers
 
     def pattern_rule(self) -> str | None:
         """Which PEFT version's rank/alpha pattern rule made this adapter; None when the config does not say."""
@@ -110,6 +161,44 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def _named_by(entries: Any, name: str) -> bool:
+    """PEFT's list rule for target_modules / exclude_modules (a string is a full-match regex)."""
+    if not entries:
+        return False
+    if isinstance(entries, str):
+        return re.fullmatch(entries, name) is not None
+    return any(name == str(e) or name.endswith(f".{e}") for e in entries)
+
+
+def rank_problems(adapter: AdapterIndex, ranks: dict[str, int]) -> list[str]:
+    """Modules or parameters (key -> the rank their tensors have) whose r in the config (r, or their rank_pattern
+    entry under the pattern rule of the PEFT version that saved the adapter) is another rank, grouped by what the
+    config says. PEFT builds its layers from the config, and then cannot load such tensors into them."""
+    cfg = adapter.config
+    rule = cfg.pattern_rule()
+    rules = ("0.13", "0.14", "current") if rule is None else (rule,)
+    wrong: dict[tuple[str, int], list[str]] = {}
+    for key, rank in ranks.items():
+        said = {cfg.rank(key, r) for r in rules}
+        if rank not in said:
+            entries = sorted({k for r in rules if (k := cfg.rank_key(key, r)) is not None})
+            source = f"rank_pattern {', '.join(map(repr, entries))}" if entries else "r"
+            wrong.setdefault((f"r = {' or '.join(map(str, sorted(said)))} (from {source})", rank), []).append(key)
+    where = adapter.location.describe(CONFIG_FILE)
+    problems = []
+    for (said, rank), keys in wrong.items():
+        names = (
+            keys[0]
+            if len(keys) == 1
+            else f"{len(keys)} modules ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        )
+        problems.append(
+            f"{names}: LoRA tensors of rank {rank}, but {where} gives {said}; PEFT could not load this adapter: set "
+            "r / rank_pattern to the rank it was trained with"
+        )
+    return problems
 
 
 def adapter_scale(adapter: AdapterIndex, key: str, rank: int) -> tuple[float, float]:
@@ -170,9 +259,57 @@ def parse_config(raw: dict[str, Any], where: str) -> AdapterConfig:
         raise AdapterError(f"{where}: bias must be 'none', 'all' or 'lora_only', not {raw.get('bias')!r}")
     known = set(AdapterConfig.model_fields)
     try:
-        return AdapterConfig(**{k: v for k, v in raw.items() if k in known and v is not None})
-    except Exception as exc:  # pydantic's message names the field
-        raise AdapterError(f"{where}: invalid adapter config: {exc}") from None
+        config = AdapterConfig(**{k: v for k, v in raw.items() if k in known and v is not None})
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors())
+        raise AdapterError(f"{where}: invalid adapter config: {fields}") from None
+    ranks = [f"r is {config.r}"] if config.r < 1 else []
+    ranks += [f"rank_pattern[{k!r}] is {v}" for k, v in config.rank_pattern.items() if v < 1]
+    if ranks:
+        raise AdapterError(
+            f"{where}: {', '.join(ranks)}; a LoRA rank is a positive integer (the rows of lora_A): set it to the "
+            "rank the adapter was trained with"
+        )
+    malformed = _malformed_targeting(config)
+    if malformed:
+        raise AdapterError(f"{where}: {'; '.join(malformed)}; fix the config (PEFT could not load it either)")
+    return config
+
+
+def _malformed_targeting(config: AdapterConfig) -> list[str]:
+    """The fields that say which modules get LoRA layers, where they are not what PEFT reads: a regex string or a
+    list of names (layer indices: an int or a list of ints), and regexes that compile."""
+    problems = []
+    for field in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = getattr(config, field)
+        if value is None:
+            continue
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            patterns = value if field == "layers_pattern" else []
+        elif isinstance(value, str):
+            patterns = [value]
+        else:
+            problems.append(f"{field} must be a string or a list of strings, not {value!r}")
+            continue
+        problems += [f"{field} {p!r} is not a valid regular expression" for p in patterns if not _compiles(p)]
+    for field in ("rank_pattern", "alpha_pattern"):
+        problems += [
+            f"{field} key {k!r} is not a valid regular expression" for k in getattr(config, field) if not _compiles(k)
+        ]
+    layers = config.layers_to_transform
+    if layers is not None and not (
+        type(layers) is int or isinstance(layers, list) and all(type(i) is int for i in layers)
+    ):
+        problems.append(f"layers_to_transform must be a layer index or a list of them, not {layers!r}")
+    return problems
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 class AdapterTensor(BaseModel):
@@ -230,6 +367,7 @@ def load_adapter_index(location: Location) -> AdapterIndex:
         raise AdapterError(
             f"{location.uri} has neither {SAFETENSORS_FILE} nor {BIN_FILE}: the adapter's weights are missing"
         )
+    _check_weights(location.describe(file), tensors)
     by_name: dict[str, AdapterTensor] = {}
     for tensor in tensors:
         if tensor.dtype not in DTYPES:
@@ -250,6 +388,34 @@ def load_adapter_index(location: Location) -> AdapterIndex:
         tensors=by_name,
         version=location.version(file),
     )
+
+
+def _check_weights(where: str, tensors: list[AdapterTensor]) -> None:
+    """Refuse an adapter file that holds nothing to merge: no tensors, or tensors with a zero-size dimension."""
+    if not tensors:
+        raise AdapterError(
+            f"{where} holds no tensors: there is nothing to merge, and the output would be a copy of the base. "
+            "Check that training saved the adapter's weights (save_pretrained writes lora_A/lora_B for every "
+            "targeted module)"
+        )
+    empty = [t for t in tensors if math.prod(t.shape) == 0]
+    if empty and len(empty) == len(tensors):
+        raise AdapterError(
+            f"every tensor in {where} is empty ({len(tensors)} tensors, e.g. {tensors[0].name} of shape "
+            f"{list(tensors[0].shape)}): the adapter was saved under DeepSpeed ZeRO-3 with its parameters "
+            "partitioned across ranks, not gathered. Save it again with `stage3_gather_16bit_weights_on_model_save: "
+            "true` in the DeepSpeed config, or through accelerate (`accelerator.get_state_dict(model)` passed to "
+            "`accelerator.unwrap_model(model).save_pretrained(..., state_dict=...)`), or recover the weights from "
+            "the ZeRO checkpoint with DeepSpeed's zero_to_fp32.py"
+        )
+    if empty:
+        shown = ", ".join(f"{t.name} {list(t.shape)}" for t in empty[:4])
+        more = f" (and {len(empty) - 4} more)" if len(empty) > 4 else ""
+        raise AdapterError(
+            f"{where}: {len(empty)} tensor(s) have a zero-size dimension: {shown}{more}; an empty LoRA tensor (rank "
+            "0, or a ZeRO-3 partition saved without gathering) holds nothing to merge: re-save the adapter with its "
+            "full weights"
+        )
 
 
 @functools.lru_cache(maxsize=2)

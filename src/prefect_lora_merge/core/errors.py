@@ -33,6 +33,11 @@ class AdapterMismatchError(AdapterError):
         super().__init__(f"{summary}: {shown}{more}. {hint}")
 
 
+class InconsistentAdapterError(AdapterMismatchError):
+    """The adapter contradicts itself: its config and its tensors disagree (r, target_modules), or a tensor cannot
+    be a LoRA weight (an integer dtype). PEFT could not load it as the config describes."""
+
+
 class OutputLocationError(LoraMergeError):
     """The output location would overwrite or sit inside an input, or already holds a different merge."""
 

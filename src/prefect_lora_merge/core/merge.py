@@ -24,7 +24,7 @@ import torch
 
 from .adapter import read_adapter_tensor
 from .buffers import BufferPool
-from .errors import CheckpointFormatError, LoraMergeError
+from .errors import AdapterError, CheckpointFormatError, LoraMergeError
 from .fp8 import DeltaSurvival, dequantize, requantize
 from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
@@ -249,16 +249,15 @@ def _merge_tensor(
         with _elementwise_threads(threads):
             _merge_tiles(planned, base, merge, compute, device, out)
         return
-    # A private copy: the merge works on it in place, and the read buffer behind `base` goes back to the pool.
+    # A private copy: the merge works on it in place; `base` still reads the shard's bytes, which go back to the
+    # pool only after this tensor is merged.
     weight = base.to(device=device, dtype=compute, copy=True)
-    finite_base = _all_finite(weight)
-    del base
     merged = merged_tensor(weight, planned.updates, fetch_compute)
     if tuple(merged.shape) != planned.shape:
         raise LoraMergeError(f"internal error: {planned.name} came out {tuple(merged.shape)}, planned {planned.shape}")
     out.copy_(merged)  # rounds to the output dtype (and comes back from the GPU)
     # Checked after rounding: an fp16 tensor can overflow to Inf only there.
-    if finite_base and not _all_finite(out):
+    if _broken_values(out, base):
         raise _adapter_broke(planned.name, planned.updates, planned.dtype)
 
 
@@ -275,15 +274,32 @@ def _merge_tiles(
     whole-tensor path."""
     for rows, cols in tiles(base.shape, device):
         out[rows, cols] = merge(base[rows, cols].to(device=device, dtype=compute), rows, cols)
-    if not _all_finite(out) and _all_finite(base):  # checked after rounding: fp16 can overflow only there
+    if _broken_values(out, base):  # checked after rounding: fp16 can overflow only there
         raise _adapter_broke(planned.name, planned.updates, planned.dtype)
 
 
-def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> LoraMergeError:
-    """NaN/Inf from a finite base: the adapter's fault (NaN in it, or a result beyond the `limit` dtype's range)."""
-    return LoraMergeError(
+def _broken_values(out: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether the merge wrote NaN/Inf where the base holds a finite value (or where it has no value: the new rows
+    of a resized embedding). Value by value: a base with NaN/Inf of its own somewhere keeps them, and must not
+    hide an overflow elsewhere in the same tensor."""
+    if _all_finite(out):
+        return False
+    bad = ~torch.isfinite(out)
+    if out.shape == base.shape:
+        return bool((bad & torch.isfinite(base)).any())
+    if out.dim() == base.dim() and out.shape[1:] == base.shape[1:]:  # resized: rows added or removed
+        shared = min(out.shape[0], base.shape[0])
+        return bool((bad[:shared] & torch.isfinite(base[:shared])).any() or bad[shared:].any())
+    return True
+
+
+def _adapter_broke(name: str, updates: tuple[Update, ...], limit: str) -> AdapterError:
+    """NaN/Inf where the base is finite: the adapter's fault (NaN/Inf in it, or a result beyond the `limit`
+    dtype's range)."""
+    return AdapterError(
         f"merging into {name} produced NaN/Inf values from a finite base: the adapter's tensors for "
-        f"{', '.join(u.module for u in updates)} are broken (NaN or values beyond {limit}'s range)"
+        f"{', '.join(dict.fromkeys(u.module for u in updates))} are broken (NaN/Inf in them, or a delta beyond "
+        f"{limit}'s range); nothing was published"
     )
 
 

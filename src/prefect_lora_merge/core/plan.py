@@ -16,8 +16,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .adapter import TRAINING_ONLY_TENSORS, AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
-from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError, UnsupportedAdapterError
+from .adapter import (
+    TRAINING_ONLY_TENSORS,
+    AdapterIndex,
+    AdapterTensor,
+    adapter_scale,
+    load_adapter_index,
+    rank_problems,
+)
+from .errors import (
+    AdapterMismatchError,
+    CheckpointFormatError,
+    InconsistentAdapterError,
+    LoraMergeError,
+    UnsupportedAdapterError,
+)
 from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
 from .fp8 import scale_grid_shape
 from .quantized import QuantizedBase, QuantizedWeight, find_quantized
@@ -934,6 +947,13 @@ def _plan_updates(
                 "needs dequantizing first)"
             )
 
+    contradictions = _contradictions(adapter, updates, resolver)
+    if contradictions:
+        raise InconsistentAdapterError(
+            f"the adapter {adapter.location.uri} contradicts itself ({len(contradictions)} problem(s))",
+            contradictions,
+            "Fix adapter_config.json, or save the adapter again from training; nothing was written",
+        )
     if problems and all(isinstance(p, _Unsupported) for p in problems):
         raise UnsupportedAdapterError(
             f"{len(problems)} adapter tensor(s) from {adapter.location.uri} are not a weight update PEFT can merge: "
@@ -1043,6 +1063,84 @@ def _untie_decision(embedding: str, head: str, copies: list[str], updates: list[
     )
 
 
+def _contradictions(adapter: AdapterIndex, updates: dict[str, list[Update]], resolver: _Resolver) -> list[str]:
+    """Where the planned updates show the adapter disagreeing with itself: a tensor that cannot be a LoRA weight
+    (integers or booleans), a config r that is not its tensors' rank, LoRA tensors on modules that target_modules
+    does not name. PEFT loads an adapter by its config: it would refuse such an adapter, or drop those tensors."""
+    cfg = adapter.config
+    found: dict[str, None] = {}  # ordered, without repeats (a fused update is planned once per expert)
+    ranks: dict[str, int] = {}
+    for target, tensor_updates in updates.items():
+        base_dtype = resolver.catalog[target].dtype
+        for update in tensor_updates:
+            keys = update_keys(update)
+            if update.kind == "replace":
+                dtype = adapter.tensors[keys[0]].dtype
+                if dtype not in FLOAT_DTYPES and base_dtype.startswith(("F", "BF")):
+                    found[
+                        f"{keys[0]} is {dtype} but replaces the floating-point {target} ({base_dtype}): a trained "
+                        "copy of a float weight cannot be integers; save the module's real weights"
+                    ] = None
+                continue
+            for key in keys:
+                dtype = adapter.tensors[key].dtype
+                if dtype not in FLOAT_DTYPES:
+                    found[
+                        f"{key} is {dtype}: LoRA weights are F16, BF16, F32 or F64 (integer, boolean or FP8 values "
+                        "would be merged as numbers they do not stand for); save the adapter's trained weights, not a "
+                        "quantized or converted copy"
+                    ] = None
+            if update.kind == "delta" and update.rank is not None:
+                ranks.setdefault(update.module, update.rank)
+    found.update(dict.fromkeys(rank_problems(adapter, ranks)))
+
+    # target_parameters updates (fused experts) are matched by target_parameters when planned; every other LoRA
+    # module must be one that target_modules gives a layer, or one PEFT ties to a targeted embedding.
+    planned = [u for us in updates.values() for u in us]
+    modules = sorted(
+        {_lora_module(u.adapter_tensors[0]) for u in planned if u.kind == "delta" and u.form not in PARAMETER_FORMS}
+    )
+    untargeted = [
+        m
+        for m in modules
+        if cfg.targets_module(m) is False and not (cfg.ensure_weight_tying and m in resolver.tied_redirects)
+    ]
+    described = f"target_modules {_abridged(cfg.target_modules)}"
+    if cfg.layers_to_transform not in (None, []):
+        described += f" with layers_to_transform {_abridged(cfg.layers_to_transform)}"
+    if cfg.exclude_modules:
+        described += f" and exclude_modules {_abridged(cfg.exclude_modules)}"
+    if untargeted and len(untargeted) == len(modules):
+        found[
+            f"{described} match none of the adapter's {len(modules)} LoRA module(s) (such as {modules[0]}): PEFT "
+            "would find no layer to load them into"
+        ] = None
+    elif untargeted:
+        more = f" (and {len(untargeted) - 4} more)" if len(untargeted) > 4 else ""
+        found[
+            f"{described} do not match {len(untargeted)} of the adapter's {len(modules)} LoRA module(s): "
+            f"{', '.join(untargeted[:4])}{more}; PEFT would not load their tensors"
+        ] = None
+    return list(found)
+
+
+PARAMETER_FORMS = ("experts", "expert")  # updates of target_parameters, matched by that list when planned
+
+
+def _lora_module(key: str) -> str:
+    """The module a LoRA tensor belongs to, as target_modules names it: a LoRA PEFT puts on a layer inside a
+    targeted one (the out_proj of an nn.MultiheadAttention, under its `base_layer`) belongs to the targeted one."""
+    module = re.split(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)", key)[0]
+    return module.split(".base_layer.")[0]
+
+
+def _abridged(value: Any) -> str:
+    """A config value for a message: long lists cut to their first entries."""
+    if isinstance(value, list | tuple | set) and len(value) > 6:
+        return repr(sorted(map(str, value))[:6])[:-1] + f", ... ({len(value)} in all)]"
+    return repr(value)
+
+
 def _vocab_update(config: dict[str, Any], old_rows: int, new_rows: int) -> dict[str, int]:
     if config.get("vocab_size") == old_rows:
         return {"vocab_size": new_rows}
@@ -1060,6 +1158,8 @@ def _plan_group(
         present = [k for k in (group.A, group.B, group.B_bias, group.magnitude) if k]
         return [f"{module}: has {present} but not both LoRA A and B; the adapter file is incomplete"]
     A, B = adapter.tensors[group.A], adapter.tensors[group.B]
+    if len(A.shape) < 2 or len(B.shape) < 2:
+        return [f"{group.A}: LoRA A {list(A.shape)} / B {list(B.shape)} are not matrices; the adapter file is damaged"]
     cfg = adapter.config
     attention = _MHA_OUT_PROJ.match(module)
     if attention and resolver.resolve(f"{attention['attention']}.in_proj_weight")[0] is not None:
@@ -1378,7 +1478,7 @@ def _parameter_layout(
     fused, _ = resolver.resolve(f"{module}.{param}")
     if fused is not None:
         shape = resolver.catalog[fused].shape
-        if len(shape) != 3:
+        if len(shape) != 3 or shape[0] == 0:
             return None
         # Both storage orders exist ((E, out, in) and (E, in, out)); report (out, in) as (E, d1, d2) and let the
         # adapter's shapes pick: the caller checks A's in-dim and B's out-dim against them.
@@ -1419,7 +1519,7 @@ def _plan_tokens(
     rows, cols = shape_of(target)[:2]
     delta = adapter.tensors[key].shape
     if tuple(delta) != (len(indices), cols) or any(i < 0 or i >= rows for i in indices):
-        return [f"{key}: {len(indices)} token rows of width {delta[-1]} do not fit {target} [{rows}, {cols}]"]
+        return [f"{key}: {list(delta)} is not {len(indices)} token rows that fit {target} [{rows}, {cols}]"]
     add(target, Update(kind="rows", module=module, adapter_tensors=(key,), indices=tuple(indices)))
     return []
 

@@ -9,7 +9,9 @@ boundary differ. A missing or wrong delta fails one test or the other, even when
 
 Rows are sampled (all of them for small tensors): a few runs of rows at the start, the middle, the end and one place
 chosen from the tensor's name, so that a re-run checks the same rows. Storage corruption anywhere is the checksums'
-job; this is about the arithmetic and the placement of every tensor.
+job; this is about the arithmetic and the placement of every tensor. NaN/Inf are looked for in every value of every
+computed tensor, by the checksum pass (which reads every byte anyway); `check_non_finite` then compares the tensors
+that hold any with the base.
 """
 
 from __future__ import annotations
@@ -98,6 +100,72 @@ def check_numbers(
     return numbers
 
 
+def check_non_finite(
+    plan: MergePlan,
+    headers: dict[str, ShardHeader],
+    suspects: dict[tuple[str, str], int],
+    failures: list[str],
+    checks: dict[str, int],
+) -> None:
+    """Name every computed tensor in which the merge wrote NaN/Inf where the base holds a finite value.
+
+    `suspects` are the computed tensors that the checksum pass, which reads every byte, found NaN/Inf in:
+    (shard, tensor) -> how many. Only those are read again, whole, with the base beside them, so that NaN/Inf the
+    base has of its own at the same place are not blamed on the merge (a merged value there is NaN/Inf too)."""
+    shards = {s.file: s for s in plan.shards}
+    for (file, name), count in sorted(suspects.items()):
+        shard = shards.get(file)
+        tensor = next((t for t in shard.tensors if t.name == name), None) if shard else None
+        if shard is None or tensor is None or file not in headers:
+            continue  # the structure checks name it
+        checks["NaN/Inf tensors compared with the base"] = checks.get("NaN/Inf tensors compared with the base", 0) + 1
+        if tensor.fp8 is not None and tensor.fp8.write == "scales":
+            failures.append(
+                f"{file}: {name} holds {count} NaN/Inf value(s): a scale grid the merge computed must be finite"
+            )
+            continue
+        problem = _new_non_finite(plan, shard, tensor, headers)
+        if problem:
+            failures.append(problem)
+
+
+FULL_RUN_VALUES = 1 << 20  # values per read when a whole tensor is compared with its base (8 MiB in float64)
+
+
+def _new_non_finite(
+    plan: MergePlan, shard: ShardPlan, tensor: PlannedTensor, headers: dict[str, ShardHeader]
+) -> str | None:
+    def no_adapter(key: str) -> torch.Tensor:
+        raise AssertionError("comparing with the base reads no adapter tensor")
+
+    checker = _TensorCheck(plan, shard, tensor, headers[shard.file].by_name(), headers, no_adapter)
+    if checker.entry is None or checker.entry.shape != tensor.shape or checker.entry.dtype != tensor.dtype:
+        return None  # the structure checks name it
+    align = tensor.fp8.weight.block[0] if checker.requantized else 1
+    step = align * max(1, FULL_RUN_VALUES // (checker.cols * align))
+    new, first = 0, ""
+    try:
+        for start in range(0, checker.out_rows, step):
+            rows = slice(start, min(checker.out_rows, start + step))
+            _, got, _ = checker._output_rows(rows)
+            base = checker._base_rows(rows)
+            bad = ~torch.isfinite(got)
+            if base is not None:
+                bad &= torch.isfinite(base)
+            count = int(bad.sum())
+            if count and not first:
+                first = _position(bad.nonzero()[0].tolist(), rows)
+            new += count
+    except (_Unreadable, LoraMergeError) as exc:
+        return f"{shard.file}: {tensor.name}: {exc}"
+    if not new:
+        return None
+    return (
+        f"{shard.file}: {tensor.name} holds {new} NaN/Inf value(s) where the base's values are finite (first at "
+        f"{first}): the merge wrote them (a delta beyond {tensor.dtype}'s range, or NaN/Inf in the adapter)"
+    )
+
+
 class _TensorCheck:
     """One computed tensor: reads its sampled rows from the base and the output, recomputes, compares."""
 
@@ -136,8 +204,9 @@ class _TensorCheck:
             flips += self._compare(rows, stored, got, expected, base, products, scale, problems)
             checked += got.numel()
             if base is not None and tensor.updates:
-                base_sq += float(base.square().sum())
-                change_sq += float((got - base).square().sum())
+                both = torch.isfinite(got) & torch.isfinite(base)
+                base_sq += float(base[both].square().sum())
+                change_sq += float((got - base)[both].square().sum())
         return TensorNumbers(
             tensor=tensor.name,
             file=self.shard.file,
@@ -235,11 +304,9 @@ class _TensorCheck:
             info = torch.finfo(dtype)
             bound = operands * info.eps + info.tiny + products
             rounded = expected.to(dtype) if info.bits < 32 else None
-        if not bool(torch.isfinite(got).all()):
-            bad = (~torch.isfinite(got)).nonzero()[0].tolist()
-            problems.append(f"{where}: NaN/Inf in the output at {_position(bad, rows)}")
-            return got.numel()
-        excess = (got - expected).abs() - bound
+        # NaN/Inf are judged by `check_non_finite`, on every value of the tensor against the base's: left out here.
+        finite = torch.isfinite(got)
+        excess = ((got - expected).abs() - bound).masked_fill(~finite, 0.0)
         if bool((excess > 0).any()):
             worst = int(excess.argmax())
             row, col = divmod(worst, got.shape[1])
@@ -248,7 +315,7 @@ class _TensorCheck:
                 f"more than {tensor.dtype if fp8 is None else 'FP8'}'s rounding (worst at row {rows.start + row}, "
                 f"column {col}: {float(got[row, col]):.6g}, expected {float(expected[row, col]):.6g})"
             )
-        flips = 0 if rounded is None else int((_bits(stored) != _bits(rounded)).sum())
+        flips = 0 if rounded is None else int(((_bits(stored) != _bits(rounded)) & finite).sum())
         if flips > FLIP_LIMIT * got.numel():
             problems.append(
                 f"{where}: {100 * flips / got.numel():.1f}% of the values differ from base + adapter recomputed in "

@@ -14,7 +14,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -230,8 +230,14 @@ class Location:
             return []
         return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
 
-    def sha256(self, name: str, chunk_bytes: int = 2 * PIECE_BYTES) -> str:
-        """sha256 of a whole file, read through one reused buffer of `chunk_bytes`."""
+    def sha256(
+        self,
+        name: str,
+        chunk_bytes: int = 2 * PIECE_BYTES,
+        on_chunk: Callable[[int, memoryview], None] | None = None,
+    ) -> str:
+        """sha256 of a whole file, read through one reused buffer of `chunk_bytes`; `on_chunk(offset, chunk)` sees
+        every chunk on the way (another check over the same bytes, without reading them again)."""
         size = self.size(name)
         digest = hashlib.sha256()
         buffer = memoryview(bytearray(min(size, chunk_bytes)))
@@ -239,6 +245,8 @@ class Location:
             chunk = buffer[: min(size, start + chunk_bytes) - start]
             self.read_into(name, start, chunk)
             digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk(start, chunk)
         return digest.hexdigest()
 
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from pydantic import BaseModel
 
 from .consolidate import MANIFEST_FILE, Manifest, read_manifest
@@ -13,8 +14,8 @@ from .errors import LoraMergeError
 from .forward import ForwardCheck, forward_check
 from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
-from .recompute import TensorNumbers, check_numbers
-from .safetensors_format import ShardHeader, read_header
+from .recompute import TensorNumbers, check_non_finite, check_numbers
+from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype
 from .storage import PIECE_BYTES, Location
 
 
@@ -51,16 +52,19 @@ def validate_output(
     if manifest is None:
         manifest = _manifest(output, failures)
     index = _index(output, failures)
-    checksums_taken: dict[str, str] = {}
-    if manifest is not None:
-        checksums_taken = _check_files(output, manifest, failures, checks)
     headers: dict[str, ShardHeader] = {}
     if index is not None:
         headers = _check_index(output, index, failures, checks)
+    checksums_taken: dict[str, str] = {}
+    non_finite: dict[tuple[str, str], int] = {}
+    if manifest is not None:
+        spans = _computed_spans(plan, headers) if plan is not None else {}
+        checksums_taken = _check_files(output, manifest, failures, checks, spans, non_finite)
     numbers: list[TensorNumbers] = []
     if plan is not None:
         _check_against_plan(plan, headers, manifest, failures, checks)
         numbers = check_numbers(plan, headers, failures, checks)
+        check_non_finite(plan, headers, non_finite, failures, checks)
     elif manifest is not None:
         _check_coverage_from_manifest(manifest, failures, checks)
     forward_result = None
@@ -109,37 +113,128 @@ def _index(output: Location, failures: list[str]) -> dict | None:
 
 CHECKSUM_CHUNK_BYTES = 2 * PIECE_BYTES
 
+Span = tuple[str, str, int, int]  # a tensor, its dtype, and its bytes [begin, end) in its file
+SCANNED_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
-def _check_files(output: Location, manifest: Manifest, failures: list[str], checks: Counter[str]) -> dict[str, str]:
-    """Check every file's size and sha256 against the manifest; return the sha256 of those it had none for."""
+
+def _check_files(
+    output: Location,
+    manifest: Manifest,
+    failures: list[str],
+    checks: Counter[str],
+    spans: dict[str, list[Span]],
+    non_finite: dict[tuple[str, str], int],
+) -> dict[str, str]:
+    """Check every file's size and sha256 against the manifest; return the sha256 of those it had none for.
+
+    On the way, count the NaN/Inf values in the `spans` of each file (the tensors the merge computed) into
+    `non_finite`: the numbers check samples rows, this pass reads every byte anyway."""
     present = set(output.list_files())
 
-    def check(item: tuple[str, int, str | None]) -> tuple[str | None, str | None]:
+    def check(item: tuple[str, int, str | None]) -> tuple[str | None, str | None, dict[str, int]]:
         name, size, sha = item
         if name not in present:
-            return f"{output.describe(name)} is listed in the manifest but missing", None
+            return f"{output.describe(name)} is listed in the manifest but missing", None, {}
         actual = output.size(name)
         if actual != size:
-            return f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)", None
+            return (
+                f"{output.describe(name)} is {actual} bytes, the manifest says {size} (truncated or replaced)",
+                None,
+                {},
+            )
+        scan = _NonFiniteScan(spans.get(name, []))
         # One 16 MiB buffer per file, reused chunk after chunk; small, so the 4 files hashed at once add little to
         # the peak memory (64 MiB chunks made it grow with the number of shards).
-        found = output.sha256(name, CHECKSUM_CHUNK_BYTES)
+        found = output.sha256(name, CHECKSUM_CHUNK_BYTES, on_chunk=scan.feed)
         if sha is None:  # a server-side copy: hashed here, for the first time
-            return None, found
+            return None, found, scan.found
         if found != sha:
-            return f"{output.describe(name)}: sha256 {found[:16]}… differs from the manifest's {sha[:16]}…", None
-        return None, None
+            return f"{output.describe(name)}: sha256 {found[:16]}… differs from the manifest's {sha[:16]}…", None, {}
+        return None, None, scan.found
 
     items = [(n, r.bytes, r.sha256) for n, r in manifest.files.items()]
     taken: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for (name, _, _), (problem, sha) in zip(items, pool.map(check, items), strict=True):
+        for (name, _, _), (problem, sha, found) in zip(items, pool.map(check, items), strict=True):
             checks["file checksums"] += 1
+            if name in spans:
+                checks["computed tensors scanned for NaN/Inf"] += len(spans[name])
             if problem:
                 failures.append(problem)
             if sha is not None:
                 taken[name] = sha
+            non_finite.update({(name, tensor): count for tensor, count in found.items()})
     return taken
+
+
+def _computed_spans(plan: MergePlan, headers: dict[str, ShardHeader]) -> dict[str, list[Span]]:
+    """Per output shard, where the tensors the merge computed (float ones) lie, by the output's own header."""
+    spans: dict[str, list[Span]] = {}
+    for shard in plan.shards:
+        header = headers.get(shard.file)
+        if header is None:
+            continue
+        written = header.by_name()
+        for tensor in shard.tensors:
+            entry = written.get(tensor.name)
+            if not tensor.computed or tensor.dropped or entry is None or entry.dtype not in SCANNED_DTYPES:
+                continue
+            if entry.nbytes % DTYPES[entry.dtype][1]:
+                continue  # not whole values: the header checks name it
+            begin = header.data_start + entry.begin
+            spans.setdefault(shard.file, []).append((tensor.name, entry.dtype, begin, begin + entry.nbytes))
+    return spans
+
+
+class _NonFiniteScan:
+    """Counts NaN/Inf in some tensors of one file, from its bytes fed in order, chunk after chunk."""
+
+    def __init__(self, spans: list[Span]) -> None:
+        self.spans = sorted(spans, key=lambda s: s[2])
+        self.found: dict[str, int] = {}  # tensor -> how many of its values are NaN/Inf
+        self._next = 0  # spans before it end before the bytes still to come
+        self._carry = b""  # the first bytes of a value that the previous chunk cut
+
+    def feed(self, offset: int, chunk: memoryview) -> None:
+        end = offset + len(chunk)
+        while self._next < len(self.spans) and self.spans[self._next][3] <= offset:
+            self._next += 1
+        for name, dtype, begin, stop in self.spans[self._next :]:
+            if begin >= end:
+                break
+            low, high = max(begin, offset), min(stop, end)
+            size = DTYPES[dtype][1]
+            cut = (low - begin) % size  # > 0 only at the start of a chunk, inside a value the last chunk began
+            if cut:
+                rest = min(high, low + size - cut)
+                value = self._carry + bytes(chunk[low - offset : rest - offset])
+                self._carry = value if len(value) < size else b""
+                if len(value) == size:
+                    self._count(name, dtype, memoryview(bytearray(value)))
+                low = rest
+            whole = (high - low) // size * size
+            if whole:
+                self._count(name, dtype, chunk[low - offset : low - offset + whole])
+            if low + whole < high:
+                self._carry = bytes(chunk[low + whole - offset : high - offset])
+
+    def _count(self, name: str, dtype: str, data: memoryview) -> None:
+        bad = _count_non_finite(torch.frombuffer(data, dtype=torch_dtype(dtype)))
+        if bad:
+            self.found[name] = self.found.get(name, 0) + bad
+
+
+def _count_non_finite(values: torch.Tensor) -> int:
+    if values.element_size() == 1:  # FP8: integer operations, ~10x faster than float ones on these
+        # NaN/Inf codes have every exponent bit set (e4m3fn's NaN every mantissa bit too; it has no Inf): OR-ing in
+        # the other bits makes exactly those codes 0xFF, -1 as int8.
+        others = (0x80 if values.dtype == torch.float8_e4m3fn else 0x83) - 0x100
+        flags = torch.bitwise_or(values.view(torch.int8), others)
+        return 0 if int(flags.amax()) != -1 else int((flags == -1).sum())
+    low, high = torch.aminmax(values)  # one pass; NaN propagates into both
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return 0
+    return int((~torch.isfinite(values)).sum())
 
 
 def _check_index(output: Location, index: dict, failures: list[str], checks: Counter[str]) -> dict[str, ShardHeader]:
