@@ -19,6 +19,7 @@ import pytest
 from s3_server import BUCKET
 
 from prefect_lora_merge.cli import main
+from prefect_lora_merge.core.pipeline import merge_checkpoint
 
 PREFIX = f"{BUCKET}/user-errors"
 # A Python exception's class name (PermissionError, ClientError, EndpointConnectionError...) in a message.
@@ -208,6 +209,38 @@ def test_an_output_path_that_is_a_file_is_refused_and_the_file_left_alone(capsys
 
 
 # -- inputs and options -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [3, None, ["model-00001-of-00006.safetensors"], {"file": "model-00001-of-00006.safetensors"}, "pytorch_model.bin"]
+    + ["../base/model-00001-of-00006.safetensors"],
+    ids=["number", "null", "list", "object", "not-safetensors", "another-directory"],
+)
+def test_a_weight_map_entry_that_is_not_a_shard_file_name_is_refused_naming_it(capsys, llama_case, tmp_path, value):
+    base = Path(shutil.copytree(llama_case.base_dir, tmp_path / "base"))
+    (base / "pytorch_model.bin").write_bytes(b"\x80" * 64)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    victim = sorted(index["weight_map"])[0]
+    index["weight_map"][victim] = value
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    args = ["--base", str(base), "--adapter", str(llama_case.adapter_dir), "--output", str(tmp_path / "o")]
+    line = refusal(capsys, "plan", *args)
+    assert f"{base}/model.safetensors.index.json: weight_map must map each tensor name to the file name" in line
+    assert f"{victim!r} -> {json.dumps(value)}" in line
+
+
+def test_validate_reports_an_output_index_with_a_non_string_shard(capsys, llama_case, tmp_path):
+    out = tmp_path / "merged"
+    merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(out), device="cpu")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: 1 for name in index["weight_map"]}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit) as exited:
+        main(["validate", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert exited.value.code == 1 and "weight_map must map each tensor name to the file name" in captured.out
+    assert captured.err.startswith("lora-merge: error: validation failed") and len(captured.err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from .adapter import AdapterIndex, AdapterTensor, adapter_scale, load_adapter_index
 from .errors import AdapterMismatchError, CheckpointFormatError, LoraMergeError
 from .fp8 import scale_grid_shape
-from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
+from .safetensors_format import ShardHeader, TensorEntry, layout, read_header, weight_map_problem
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
 # Bump whenever the bytes a merge writes for the same inputs could change: it is part of the plan fingerprint.
@@ -516,6 +516,9 @@ def _base_layout(base: Location) -> tuple[list[str], dict[str, str] | None, dict
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointFormatError(f"{base.describe(INDEX_FILE)} has no weight_map; the index is corrupt")
+        problem = weight_map_problem(weight_map)
+        if problem:
+            raise CheckpointFormatError(f"{base.describe(INDEX_FILE)}: {problem}; the index is corrupt: regenerate it")
         files = sorted(set(weight_map.values()))
         present = set(base.list_files())
         missing = [f for f in files if f not in present]
