@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from s3_server import BUCKET
 
 from prefect_lora_merge.cli import main
+from prefect_lora_merge.core.errors import LoraMergeError
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 
 PREFIX = f"{BUCKET}/user-errors"
@@ -281,3 +283,37 @@ def test_an_unknown_storage_protocol_is_named(capsys, llama_case, tmp_path):
     args = ["--base", "foo://models/base", "--adapter", str(llama_case.adapter_dir), "--output", str(tmp_path / "o")]
     line = refusal(capsys, "plan", *args)
     assert "--base foo://models/base: unknown storage protocol 'foo'" in line
+
+
+# -- devices -----------------------------------------------------------------------------------------------------------
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@no_cuda
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_run_refuses_cuda_on_a_machine_without_it_before_writing_anything(capsys, llama_case, tmp_path, device):
+    out = tmp_path / "never-written"
+    args = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir), "--output", str(out)]
+    line = refusal(capsys, "run", *args, "--device", device)
+    assert line.startswith(f"lora-merge: error: --device {device}: this machine has no CUDA device")
+    assert "re-run" not in line and not out.exists()
+
+
+@no_cuda
+def test_merge_checkpoint_refuses_cuda_on_a_machine_without_it_before_writing_anything(llama_case, tmp_path):
+    out = tmp_path / "never-written"
+    with pytest.raises(LoraMergeError, match="--device cuda: this machine has no CUDA device"):
+        merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(out), device="cuda")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("prefect_server")
+def test_run_refuses_a_cuda_device_index_this_machine_does_not_have(capsys, llama_case, tmp_path):
+    count = torch.cuda.device_count()
+    out = tmp_path / "never-written"
+    args = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir), "--output", str(out)]
+    line = refusal(capsys, "run", *args, "--device", f"cuda:{count}")
+    assert f"this machine has {count} CUDA device(s)" in line and not out.exists()
