@@ -279,6 +279,14 @@ def test_a_uri_missing_a_slash_is_refused_instead_of_becoming_a_local_directory(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_plan_kubernetes_into_a_path_that_is_a_file_names_the_option(capsys, llama_case, tmp_path):
+    file = tmp_path / "k8s"
+    file.write_text("not a directory")
+    inputs = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir)]
+    line = refusal(capsys, "plan", *inputs, "--output", str(tmp_path / "o"), "--kubernetes", str(file), "--image", "x")
+    assert f"--kubernetes {file}: cannot write {file}" in line and file.read_text() == "not a directory"
+
+
 def test_an_unknown_storage_protocol_is_named(capsys, llama_case, tmp_path):
     args = ["--base", "foo://models/base", "--adapter", str(llama_case.adapter_dir), "--output", str(tmp_path / "o")]
     line = refusal(capsys, "plan", *args)
@@ -317,3 +325,33 @@ def test_run_refuses_a_cuda_device_index_this_machine_does_not_have(capsys, llam
     args = ["--base", str(llama_case.base_dir), "--adapter", str(llama_case.adapter_dir), "--output", str(out)]
     line = refusal(capsys, "run", *args, "--device", f"cuda:{count}")
     assert f"this machine has {count} CUDA device(s)" in line and not out.exists()
+
+
+# -- option values -----------------------------------------------------------------------------------------------------
+
+INPUTS = ["--base", "b", "--adapter", "a", "--output", "o"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "value", "expected"),
+    [
+        (["run", *INPUTS], "--workers", "0", "must be a whole number of at least 1"),
+        (["run", *INPUTS], "--workers", "two", "must be a whole number of at least 1"),
+        (["run", *INPUTS], "--workers", "1.5", "must be a whole number of at least 1"),
+        (["run", *INPUTS, "--runner", "dask"], "--dask-workers", "0", "must be a whole number of at least 1"),
+        (["run", *INPUTS], "--fp8-min-cosine", "high", "must be a number from -1 to 1"),
+        (["run", *INPUTS], "--fp8-min-cosine", "2", "must be a number from -1 to 1"),
+        (["run", *INPUTS], "--fp8-min-cosine", "nan", "must be a number from -1 to 1"),
+        (["run", *INPUTS], "--max-memory", "lots", "must be a size like 16GiB"),
+        (["run", *INPUTS], "--device", "gpu", "must be auto, cpu or cuda[:N]"),
+        (["plan", *INPUTS], "--device", "cuda:first", "must be auto, cpu or cuda[:N]"),
+        (["plan", *INPUTS], "--shards-at-once", "0", "must be a whole number of at least 1"),
+        (["plan", *INPUTS], "--dask-workers", "-2", "must be a whole number of at least 1"),
+        (["serve", "--base", "b"], "--limit", "none", "must be a whole number of at least 1"),
+        (["demo"], "--workers", "0", "must be a whole number of at least 1"),
+    ],
+)
+def test_an_option_value_the_parser_refuses_is_one_line_naming_the_option(capsys, argv, option, value, expected):
+    line = refusal(capsys, *argv, f"{option}={value}", status=2)
+    assert f"argument {option}: {expected}" in line and f"not {value!r}" in line
+    assert "invalid" not in line and "_count" not in line and "_positive" not in line
