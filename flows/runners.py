@@ -15,6 +15,7 @@ from typing import Any
 from prefect.futures import PrefectFuture
 
 from prefect_lora_merge.core.errors import LoraMergeError
+from prefect_lora_merge.core.merge import resolve_device
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MergePlan, ShardPlan
 from prefect_lora_merge.core.resources import (
@@ -48,6 +49,7 @@ def shard_runner(params: MergeParameters, plan: MergePlan) -> Iterator[ShardRunn
     not answer) raises here, before the flow takes the output's lease: a refused merge writes nothing."""
     max_memory = None if params.max_memory is None else parse_size(params.max_memory)
     if params.runner == "threads":
+        resolve_device(plan.job.device)  # the shards run on this machine: refuse a device it does not have
         parallelism = choose_parallelism(
             plan.estimated_peak_bytes, len(plan.shards), workers=params.workers, max_memory=max_memory
         )

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,25 @@ class S3Server:
         if not fs.exists(name):
             fs.mkdir(name)
         return name
+
+    def add_identity(self, name: str, access_key: str, secret_key: str, actions: tuple[str, ...]) -> None:
+        """Give the running server one more identity, allowed only `actions` (of Read, Write, List, Tagging,
+        Admin): `weed shell`'s s3.configure stores it in the filer, and the S3 gateway picks it up while running.
+        The admin identity the server started with stays as it was."""
+        command = (
+            f"s3.configure -user={name} -access_key={access_key} -secret_key={secret_key} "
+            f"-actions={','.join(actions)} -apply\n"
+        )
+        shell = [str(require_weed_binary()), "shell", f"-master=127.0.0.1:{self.ports['master.port']}"]
+        done = subprocess.run(shell, input=command, text=True, capture_output=True, timeout=60, cwd=self.data_dir)
+        if done.returncode != 0:
+            raise S3ServerError(f"`weed shell` s3.configure failed ({done.returncode}): {done.stderr[-2000:]}")
+        identity = replace(self, access_key=access_key, secret_key=secret_key, process=None)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(identity):
+            if time.monotonic() > deadline:
+                raise S3ServerError(f"the S3 gateway did not take up identity {name} within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

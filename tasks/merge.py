@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefect_lora_merge.core.consolidate import Manifest, consolidate
-from prefect_lora_merge.core.errors import LoraMergeError, StorageError
+from prefect_lora_merge.core.errors import LoraMergeError, StorageAccessError, StorageError
 from prefect_lora_merge.core.merge import merge_or_resume_shard
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import finish_validation
@@ -19,6 +19,8 @@ def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry
     """Retry storage hiccups and unexpected errors; a bad input fails the same way every time, so never retry it."""
     try:
         state.result()
+    except StorageAccessError:  # credentials, permissions, a missing bucket: the same answer next time
+        return False
     except StorageError:
         return True
     except LoraMergeError:

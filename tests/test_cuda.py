@@ -33,6 +33,6 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         assert resolve_device("cuda").type == "cuda"
         return
-    with pytest.raises(LoraMergeError, match="no CUDA device is available; use --device cpu"):
+    with pytest.raises(LoraMergeError, match="this machine has no CUDA device .*use --device cpu"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prefect_lora_merge.core.errors import LoraMergeError
 
@@ -39,8 +41,16 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one stderr line too, like every other refusal (argparse would print the usage above it);
+    exit status 2, argparse's own for usage errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lora-merge: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lora-merge",
         description="Merge a PEFT LoRA adapter into a sharded safetensors checkpoint, shard by shard.",
     )
@@ -50,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--base", required=True, help="base checkpoint directory or URI")
         p.add_argument("--adapter", required=True, help="PEFT adapter directory or URI")
         p.add_argument("--output", required=True, help=output_help)
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+        p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
         output_dtype(p, default="auto")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -69,11 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     inputs(run, output_help="where the merged checkpoint goes")
     run.add_argument(
         "--workers",
-        type=_positive,
+        type=_count,
         help="shards merged at once (default: as many as the CPUs, the shards and --max-memory allow)",
     )
     run.add_argument(
         "--max-memory",
+        type=_memory_size,
         metavar="SIZE",
         help="memory the shard merges may use together, like 16GiB (default: 80%% of what is available)",
     )
@@ -91,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dask-workers",
-        type=_positive,
+        type=_count,
         metavar="N",
         help="with --runner dask and no --dask-address: worker processes of the local cluster (default: as many "
         "as the CPUs, the shards and --max-memory allow)",
@@ -106,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--fp8-min-cosine",
-        type=float,
+        type=_cosine,
         metavar="C",
         help="with --output-dtype fp8: fail when a re-quantized weight keeps less of its delta than this cosine",
     )
@@ -123,13 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--image", help="with --kubernetes: the image that has prefect-lora-merge installed")
     plan.add_argument(
         "--shards-at-once",
-        type=_positive,
+        type=_count,
         default=1,
         metavar="N",
         help="with --kubernetes: shards the work-pool job merges at once (default: 1)",
     )
     plan.add_argument(
-        "--dask-workers", type=_positive, default=4, metavar="N", help="with --kubernetes: Dask workers (default: 4)"
+        "--dask-workers", type=_count, default=4, metavar="N", help="with --kubernetes: Dask workers (default: 4)"
     )
     plan.add_argument("--gpu", action="store_true", help="with --kubernetes: one GPU per job and per Dask worker")
     plan.add_argument(
@@ -165,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", help='also merge --adapter into --output on this UTC schedule, like "0 3 * * *"')
     serve.add_argument("--adapter", help="with --cron: the adapter to merge (a path the training job overwrites)")
     serve.add_argument("--output", help="with --cron: where its merge goes (each run replaces the last one's)")
-    serve.add_argument("--limit", type=_positive, help="merges this process runs at once (default: no limit)")
+    serve.add_argument("--limit", type=_count, help="merges this process runs at once (default: no limit)")
     serve.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON for every merge it runs")
     serve.add_argument("--verbose", action="store_true", help="show full tracebacks")
     serve.set_defaults(handler=_serve)
@@ -187,17 +198,56 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a tiny model and adapter, merge them through the flow, check vs PEFT")
     demo.add_argument("--workdir", default="demo-output", help="where the demo's files go (default: ./demo-output)")
-    demo.add_argument("--workers", type=_positive)
+    demo.add_argument("--workers", type=_count)
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
     demo.set_defaults(handler=_demo)
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
+# Option types. Each refuses with a whole sentence (argparse prints it after "argument --option:"); a ValueError
+# would make argparse name the function instead ("invalid _positive value").
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 1 (--workers, --dask-workers, --shards-at-once, --limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
     return value
+
+
+def _cosine(text: str) -> float:
+    """A cosine between -1 and 1 (--fp8-min-cosine)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, like 0.9, not {text!r}")
+    return value
+
+
+def _memory_size(text: str) -> str:
+    """A size like 16GiB (--max-memory); kept as written, the merge parameters parse it again."""
+    from prefect_lora_merge.core.resources import parse_size
+
+    try:
+        parse_size(text)
+    except LoraMergeError:
+        raise argparse.ArgumentTypeError(f"must be a size like 16GiB, 500MB or 2000000000, not {text!r}") from None
+    return text
+
+
+def _device(text: str) -> str:
+    """auto, cpu or cuda[:N] (--device); whether this machine has it is checked before a merge writes anything."""
+    from prefect_lora_merge.core.resources import DEVICE_PATTERN
+
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda[:N] (like cuda:1), not {text!r}")
+    return text
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -368,13 +418,19 @@ def _write_kubernetes(args: argparse.Namespace, peak_per_shard: int) -> None:
     if not args.image:
         raise LoraMergeError("--kubernetes needs --image: an image with prefect-lora-merge[s3,dask] installed")
     directory = Path(args.kubernetes)
-    directory.mkdir(parents=True, exist_ok=True)
     env = {"PREFECT_API_URL": args.prefect_api_url} if args.prefect_api_url else None
     pod = merge_pod(peak_per_shard, args.shards_at_once, gpus=1 if args.gpu else 0)
     variables = job_variables(pod, args.image, env)
-    (directory / "job-variables.json").write_text(json.dumps(variables, indent=2) + "\n")
     cluster = dask_cluster("lora-merge", args.image, args.dask_workers, peak_per_shard, gpu=args.gpu, env=env)
-    (directory / "dask-cluster.yaml").write_text(yaml.safe_dump(cluster, sort_keys=False))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "job-variables.json").write_text(json.dumps(variables, indent=2) + "\n")
+        (directory / "dask-cluster.yaml").write_text(yaml.safe_dump(cluster, sort_keys=False))
+    except OSError as exc:
+        raise LoraMergeError(
+            f"--kubernetes {directory}: cannot write {exc.filename} ({exc.strerror}); give a directory this user "
+            "may write"
+        ) from None
     print(  # stderr: with --json, stdout holds the plan alone
         f"wrote {directory / 'job-variables.json'} (a job of {pod.memory}, {pod.cpu} CPUs, {pod.gpus} GPU) and "
         f"{directory / 'dask-cluster.yaml'} ({args.dask_workers} Dask workers of "

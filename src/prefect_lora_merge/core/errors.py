@@ -46,6 +46,11 @@ class StorageError(LoraMergeError):
     """A read or write on the storage backend failed for good."""
 
 
+class StorageAccessError(StorageError):
+    """The store refused access in a way no retry changes: unknown access key, wrong secret, no permission, no such
+    bucket, a read-only filesystem, a file where a directory should be. The message says what to check."""
+
+
 class ValidationFailed(LoraMergeError):
     """The merged output does not pass validation; `failures` lists each problem with its file and tensor."""
 

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from .errors import AdapterError, CheckpointFormatError, LoraMergeError
 from .fp8 import DeltaSurvival, dequantize, requantize
 from .lora_math import Fetch, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
+from .resources import DEVICE_PATTERN
 from .safetensors_format import encode_header, read_header, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
 from .storage import PIECE_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
@@ -35,12 +37,22 @@ from .tiling import TileMerge, Workspace, tiles
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `--device` names on this machine. Whatever runs shards here calls it before the output's
+    lease is taken (the flow's thread runner, `merge_checkpoint`), so a device this machine lacks writes nothing."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraMergeError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
+    if not re.fullmatch(DEVICE_PATTERN, device):
         raise LoraMergeError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LoraMergeError(
+            f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu or auto, or run "
+            "on a machine with a GPU"
+        )
+    count = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise LoraMergeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return torch.device(device)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .errors import LoraMergeError
-from .resources import parse_size
+from .resources import DEVICE_PATTERN, parse_size
 
 
 class MergeParameters(BaseModel):
@@ -46,6 +47,7 @@ class MergeParameters(BaseModel):
         None,
         ge=-1.0,
         le=1.0,
+        allow_inf_nan=False,
         description="With output_dtype fp8: fail a shard whose re-quantized weight keeps less of its intended "
         "change than this cosine (realised vs intended ΔW).",
     )
@@ -98,6 +100,6 @@ class MergeParameters(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], not {value!r}")
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError(f"must be auto, cpu or cuda[:N], not {value!r}")
         return value

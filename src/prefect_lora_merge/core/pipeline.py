@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
 from .errors import ValidationFailed
 from .lease import output_lease
-from .merge import merge_or_resume_shard
+from .merge import merge_or_resume_shard, resolve_device
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
 from .resources import choose_parallelism, parse_size
 from .state import ShardReceipt, claim_output, write_record
@@ -52,6 +52,7 @@ def merge_checkpoint(
         fp8_min_cosine=fp8_min_cosine,
     )
     threads = choose_parallelism(plan.estimated_peak_bytes, 1, workers=1, max_memory=budget).threads
+    resolve_device(plan.job.device)  # a device this machine lacks is refused before the lease writes anything
     with output_lease(plan.job.output, break_lock=break_lock):
         claim_output(plan, overwrite=overwrite)
         receipts = [merge_or_resume_shard(plan.job, shard, threads) for shard in plan.shards]

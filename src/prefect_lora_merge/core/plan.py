@@ -34,7 +34,7 @@ from .errors import (
 from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
 from .fp8 import scale_grid_shape
 from .quantized import QuantizedBase, QuantizedWeight, find_quantized
-from .safetensors_format import ShardHeader, TensorEntry, layout, read_header
+from .safetensors_format import ShardHeader, TensorEntry, layout, read_header, weight_map_problem
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -574,6 +574,9 @@ def _base_layout(base: Location) -> tuple[list[str], dict[str, str] | None, dict
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointFormatError(f"{base.describe(INDEX_FILE)} has no weight_map; the index is corrupt")
+        problem = weight_map_problem(weight_map)
+        if problem:
+            raise CheckpointFormatError(f"{base.describe(INDEX_FILE)}: {problem}; the index is corrupt: regenerate it")
         files = sorted(set(weight_map.values()))
         present = set(base.list_files())
         missing = [f for f in files if f not in present]

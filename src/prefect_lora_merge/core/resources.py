@@ -13,6 +13,8 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# What --device accepts; whether this machine has that device is for `core.merge.resolve_device` to say.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 def parse_size(text: str | int, option: str = "--max-memory") -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -177,6 +179,23 @@ def _entry(where: str, name: str, spec: object) -> TensorEntry:
             f"{offsets[1] - offsets[0]}: the header lies; the file is corrupt"
         )
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+
+
+def weight_map_problem(weight_map: dict[str, Any]) -> str | None:
+    """What is wrong with a sharded checkpoint index's weight_map, if anything: each entry must map a tensor name to
+    the file name of a .safetensors shard beside the index."""
+    bad = [
+        f"{name!r} -> {json.dumps(file)}"
+        for name, file in weight_map.items()
+        if not (isinstance(file, str) and file.endswith(".safetensors") and not re.search(r"[/\\]", file))
+    ]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    return (
+        "weight_map must map each tensor name to the file name of a .safetensors shard in the same directory, not "
+        f"{'; '.join(bad[:3])}{more}"
+    )
 
 
 def layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> tuple[TensorEntry, ...]:

@@ -7,7 +7,10 @@ is made atomic, how a copy avoids the client) stay inside this module.
 from __future__ import annotations
 
 import copy
+import errno
+import functools
 import hashlib
+import inspect
 import json
 import os
 import posixpath
@@ -23,7 +26,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .errors import LoraMergeError, OutputLocationError, StorageError
+from .errors import LoraMergeError, OutputLocationError, StorageAccessError, StorageError
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 # A shard merge's pipeline: untouched bytes move in pieces of PIECE_BYTES; up to READ_AHEAD_BYTES are read ahead of
@@ -68,8 +71,187 @@ def _storage_failures() -> tuple[type[BaseException], ...]:
 STORAGE_FAILURES = _storage_failures()
 
 
+# -- failures in the user's terms -----------------------------------------------------------------------------------
+
+_CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or key and secret in --storage-options)"
+_ENDPOINT = "AWS_ENDPOINT_URL (or endpoint_url in --storage-options)"
+# S3 error codes (botocore's ClientError, kept by s3fs as the cause of the OSError it raises). A HEAD request has no
+# error body: its refusals arrive as the bare status.
+_UNKNOWN_KEY = {"InvalidAccessKeyId", "InvalidClientTokenId"}
+_WRONG_SECRET = {"SignatureDoesNotMatch"}
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
+_EXPIRED = {"ExpiredToken", "InvalidToken", "TokenRefreshRequired", "RequestExpired"}
+_NO_BUCKET = {"NoSuchBucket", "InvalidBucketName"}
+_WRITING = ("writing", "creating", "removing")
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind `exc` (AccessDenied, NoSuchBucket...), looking through the causes s3fs chains."""
+    for _ in range(8):
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code") or "") or None
+        cause = exc.__cause__ or exc.__context__
+        if cause is None:
+            return None
+        exc = cause
+    return None
+
+
+def _botocore_kind(exc: BaseException) -> str | None:
+    """'connect', 'timeout' or 'credentials' for botocore's own failures (no answer from the store), else None."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:
+        return None
+    if isinstance(exc, (boto.ConnectionError, boto.ConnectionClosedError)):
+        return "connect"
+    if isinstance(exc, boto.ReadTimeoutError):
+        return "timeout"
+    if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError, boto.CredentialRetrievalError)):
+        return "credentials"
+    return None
+
+
+def _file_in_the_way(path: str | None) -> str | None:
+    """The nearest existing path at or above `path` when it is not a directory (what makes ENOTDIR / EEXIST)."""
+    while path and path != os.path.dirname(path):
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+        path = os.path.dirname(path)
+    return None
+
+
+def storage_failure(location: Location, exc: BaseException, doing: str, name: str | None = None) -> StorageError:
+    """The one line that reports a backend failure while `doing` (reading, writing, listing...) `name` under
+    `location`: what the store or the filesystem said, in the user's terms, and what to check. A refusal that no
+    retry changes (credentials, permissions, a missing bucket, a file in the way) is a `StorageAccessError`."""
+    what = location.describe(name) if name else location.uri
+    where = f"{doing} {what}"
+    code, kind = _s3_code(exc), _botocore_kind(exc)
+    if code is not None or kind is not None:
+        store = f"the S3 store at {location.endpoint()}"
+        key = location.storage_options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
+        key_named = f"access key {key!r}" if key else "the access key in use"
+        if location.storage_options.get("anon"):
+            key_named = "anonymous requests (anon in --storage-options)"
+        if code in _UNKNOWN_KEY:
+            return StorageAccessError(
+                f"{where}: {store} does not know {key_named}; check {_CREDENTIALS}, and that {_ENDPOINT} names the "
+                "store these credentials belong to"
+            )
+        if code in _WRONG_SECRET:
+            return StorageAccessError(
+                f"{where}: {store} rejected the request's signature: the secret key is not the one of {key_named}; "
+                f"check {_CREDENTIALS}"
+            )
+        if code in _EXPIRED:
+            return StorageAccessError(
+                f"{where}: {store} says the credentials have expired; renew them ({_CREDENTIALS}, AWS_SESSION_TOKEN)"
+            )
+        if code in _DENIED:
+            may = "write or delete" if doing.startswith(_WRITING) else "read or list"
+            return StorageAccessError(
+                f"{where}: {store} denied access to {key_named}: check that it may {may} there (its policy, the "
+                f"bucket's policy), and {_CREDENTIALS}"
+            )
+        if code in _NO_BUCKET:
+            bucket = location.root.split("/", 1)[0]
+            return StorageAccessError(
+                f"{where}: the bucket {bucket!r} does not exist on {store}; check the bucket name in the URI and "
+                f"that {_ENDPOINT} names the right store (create the bucket first for an --output)"
+            )
+        if code == "RequestTimeTooSkewed":
+            return StorageAccessError(
+                f"{where}: {store} refused the request because this machine's clock is off; "
+                "set the clock (NTP) and re-run"
+            )
+        if kind == "connect":
+            reason = getattr(exc, "kwargs", {}).get("error") or exc
+            return StorageError(
+                f"{where}: could not connect to {store} even after retries ({reason}); check that it is running and "
+                f"reachable from this machine, and that {_ENDPOINT} is right"
+            )
+        if kind == "timeout":
+            return StorageError(
+                f"{where}: {store} did not answer in time even after retries ({exc}); check that it is healthy and "
+                "reachable, or raise config_kwargs.read_timeout in --storage-options"
+            )
+        if kind == "credentials":
+            return StorageAccessError(
+                f"{where}: no usable S3 credentials ({exc}); set {_CREDENTIALS}, or anon: true in --storage-options "
+                "for a public bucket"
+            )
+    elif isinstance(exc, OSError) and location.is_local:
+        path = exc.filename or location.path(name or "")
+        blocker = _file_in_the_way(path) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
+        if blocker is not None:
+            return StorageAccessError(
+                f"{where}: {blocker} is a file, not a directory: {location.uri} must be a directory (a new one, or "
+                "one of this tool's outputs); choose another location or move the file away"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            may = "create and write files" if doing.startswith(_WRITING) else "read"
+            return StorageAccessError(
+                f"{where}: permission denied on {path}; check that this user may {may} there, or choose another "
+                "location"
+            )
+        if exc.errno == errno.EROFS:
+            return StorageAccessError(f"{where}: {path} is on a read-only filesystem; choose a writable location")
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{what} does not exist")
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return StorageError(f"{where} timed out even after retries; check the storage and re-run")
+    return StorageError(f"{where} failed ({exc})")
+
+
+def _reports_failures(doing: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Report a backend failure inside the decorated `Location` method as `storage_failure` words it, naming the
+    file when the method's first argument is a name. The one place a raw OSError or botocore error becomes ours."""
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        def failure(self: Location, args: tuple[Any, ...], exc: BaseException) -> StorageError:
+            return storage_failure(self, exc, doing, args[0] if args and isinstance(args[0], str) else None)
+
+        if inspect.isgeneratorfunction(method):  # a @contextmanager's generator: failures arrive inside it
+
+            @functools.wraps(method)
+            def generator(self: Location, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return (yield from method(self, *args, **kwargs))
+                except STORAGE_FAILURES as exc:
+                    raise failure(self, args, exc) from exc
+
+            return generator
+
+        @functools.wraps(method)
+        def wrapper(self: Location, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except STORAGE_FAILURES as exc:
+                raise failure(self, args, exc) from exc
+
+        return wrapper
+
+    return decorate
+
+
 # Backends whose own copy publishes the target only when complete (besides local and memory://, handled apart).
 SERVER_COPY_PROTOCOLS = ("s3", "s3a")
+# The s3fs options people write by hand, with the JSON type each must have.
+_S3_OPTION_TYPES: dict[str, type] = {
+    "endpoint_url": str,
+    "key": str,
+    "secret": str,
+    "token": str,
+    "profile": str,
+    "anon": bool,
+    "use_ssl": bool,
+    "client_kwargs": dict,
+    "config_kwargs": dict,
+    "s3_additional_kwargs": dict,
+}
+_KIND_NAMES = {str: "a string", bool: "true or false", dict: "a JSON object"}
 
 
 def _kernel_copy(src: str, writer: BinaryIO) -> None:
@@ -109,9 +291,77 @@ class Location:
         if not uri or not str(uri).strip():
             raise LoraMergeError(f"the {what} is empty: give a local path or a URI such as s3://bucket/prefix")
         uri = str(uri).strip()
+        typo = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)", uri)
+        if typo:  # s3:/bucket/x would otherwise be a local directory named "s3:", written in the current directory
+            raise LoraMergeError(
+                f"the {what} {uri!r} looks like a URI with one '/' too few: write {typo.group(1)}://"
+                f"{uri[typo.end() :]}, or ./ before a local path that starts like this"
+            )
         if "://" not in uri:
             uri = os.path.abspath(os.path.expanduser(uri))
-        return cls(uri=uri.rstrip("/") or "/", storage_options=copy.deepcopy(storage_options or {}))
+        location = cls(uri=uri.rstrip("/") or "/", storage_options=copy.deepcopy(storage_options or {}))
+        location._open(what)
+        return location
+
+    def _open(self, what: str) -> None:
+        """Check, before any work, what would otherwise fail on whichever call comes first, and say it with the
+        option's name: an unknown protocol, a backend not installed, options the backend refuses, a file where a
+        directory should be; on S3, an endpoint that does not answer, credentials it refuses, a missing bucket."""
+        protocol = fsspec.core.split_protocol(self.uri)[0]
+        backend = "fsspec"
+        if protocol and "::" not in protocol:
+            try:
+                backend = fsspec.get_filesystem_class(protocol).__module__.split(".")[0]
+            except ValueError:
+                raise LoraMergeError(
+                    f"{what} {self.uri}: unknown storage protocol {protocol!r}; give a local path or a URI such as "
+                    "s3://bucket/prefix"
+                ) from None
+            except ImportError as exc:
+                extra = " (pip install 'prefect-lora-merge[s3]')" if protocol in SERVER_COPY_PROTOCOLS else ""
+                raise LoraMergeError(f"{what} {self.uri}: {exc}{extra}") from None
+        if protocol in SERVER_COPY_PROTOCOLS:
+            for option, kind in _S3_OPTION_TYPES.items():
+                value = self.storage_options.get(option)
+                if value is not None and not isinstance(value, kind):
+                    raise LoraMergeError(
+                        f"--storage-options: {option} must be {_KIND_NAMES[kind]}, not {json.dumps(value)}"
+                    )
+        try:
+            fs = self.fs
+            if callable(getattr(type(fs), "connect", None)):  # s3fs makes its client on first use: make it now
+                fs.connect()
+        except STORAGE_FAILURES as exc:
+            raise storage_failure(self, exc, f"opening {what}") from exc
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            unknown = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+            problem = f"it has no option {unknown.group(1)!r}" if unknown else str(exc)
+            raise LoraMergeError(
+                f"--storage-options for {what} {self.uri} were refused by {backend} ({problem}); give fsspec "
+                "options as JSON, like "
+                '{"endpoint_url": "http://host:port", "client_kwargs": {"region_name": "us-east-1"}}'
+            ) from None
+        if self.is_local:
+            blocker = _file_in_the_way(self.root)
+            if blocker is not None:
+                place = "is a file" if blocker == self.root else f"is under {blocker}, a file"
+                raise StorageAccessError(f"{what} {self.uri} {place}, not a directory; give a directory")
+        elif hasattr(fs, "call_s3"):
+            bucket, _, prefix = self.root.partition("/")
+            try:
+                fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            except STORAGE_FAILURES as exc:
+                # A key may hold object permissions without ListBucket: the calls that need more will say so.
+                if _s3_code(exc) not in _DENIED:
+                    raise storage_failure(self, exc, f"opening {what}") from exc
+
+    def endpoint(self) -> str:
+        """The S3 endpoint the client is given, as botocore picks it (options first, then the environment)."""
+        client_kwargs = self.storage_options.get("client_kwargs")
+        nested = client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None
+        given = self.storage_options.get("endpoint_url") or nested
+        found = given or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return str(found or "AWS's default endpoint (no endpoint_url or AWS_ENDPOINT_URL given)")
 
     def fsspec_options(self) -> dict[str, Any]:
         """The user's options plus this tool's defaults for the backend."""
@@ -194,24 +444,29 @@ class Location:
 
     # -- reading ------------------------------------------------------------------------------------------------
 
+    @_reports_failures("checking")
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self.path(name)))
 
+    @_reports_failures("checking")
     def is_dir(self) -> bool:
         return bool(self.fs.isdir(self.root))
 
+    @_reports_failures("reading the size of")
     def size(self, name: str) -> int:
         try:
             return int(self.fs.size(self.path(name)))
         except FileNotFoundError:
             raise StorageError(f"{self.describe(name)} does not exist") from None
 
+    @_reports_failures("reading")
     def version(self, name: str) -> dict[str, Any]:
         """What identifies this object's current content cheaply: size plus ETag or mtime when the backend has one."""
         info = self.fs.info(self.path(name))
         tag = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(k)), None)
         return {"size": int(info.get("size") or 0), "tag": str(tag) if tag is not None else None}
 
+    @_reports_failures("listing")
     def list_files(self) -> list[str]:
         """File names directly under this location (not recursive), sorted."""
         try:
@@ -221,6 +476,7 @@ class Location:
         names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file"]
         return sorted(names)
 
+    @_reports_failures("listing")
     def list_entries(self, name: str | None = None) -> list[str]:
         """Names of the files and directories directly under this location (or its subdirectory `name`), sorted."""
         where = self.root if name is None else self.path(name)
@@ -249,18 +505,18 @@ class Location:
                 on_chunk(start, chunk)
         return digest.hexdigest()
 
+    @_reports_failures("reading")
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes [start, end) of a file; the whole file without a range. A short read is an error, not data."""
         try:
             data = self.fs.cat_file(self.path(name), start=start, end=end)
         except FileNotFoundError:
             raise StorageError(f"{self.describe(name)} does not exist") from None
-        except STORAGE_FAILURES as exc:
-            raise StorageError(f"reading {self.describe(name)} failed after retries: {exc}") from exc
         if start is not None and end is not None and len(data) != end - start:
             raise self._short_read(name, start, end, len(data))
         return data
 
+    @_reports_failures("reading")
     def read_into(self, name: str, start: int, buffer: memoryview) -> None:
         """Fill `buffer` with the bytes from `start` on: straight into it for local files (no fresh buffer to
         page-fault in: measured 3x less kernel time than `read_bytes` on 2 GB), via `read_bytes` elsewhere."""
@@ -278,8 +534,6 @@ class Location:
                     done += got
         except FileNotFoundError:
             raise StorageError(f"{self.describe(name)} does not exist") from None
-        except OSError as exc:
-            raise StorageError(f"reading {self.describe(name)} failed: {exc}") from exc
         if done != len(buffer):
             raise self._short_read(name, start, start + len(buffer), done)
 
@@ -299,6 +553,7 @@ class Location:
     # -- writing ------------------------------------------------------------------------------------------------
 
     @contextmanager
+    @_reports_failures("writing")
     def atomic_writer(self, name: str) -> Iterator[BinaryIO]:
         """A file object whose bytes appear under `name` only if the block finishes without an exception.
 
@@ -387,13 +642,12 @@ class Location:
             except FileNotFoundError:
                 raise StorageError(f"{source.describe(name)} does not exist") from None
             except STORAGE_FAILURES as exc:
-                raise StorageError(
-                    f"server-side copy of {source.describe(name)} to {self.describe(name)} failed after retries ({exc})"
-                ) from exc
+                raise storage_failure(self, exc, f"copying {source.describe(name)} server-side to", name) from exc
             fs.invalidate_cache(target)
             return True
         return False
 
+    @_reports_failures("creating")
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create `name` holding `data` only if it does not exist (O_EXCL locally, If-None-Match on S3).
         Returns False when it already exists."""
@@ -426,6 +680,7 @@ class Location:
             raise
         return True
 
+    @_reports_failures("removing interrupted writes under")
     def discard_partial_writes(self, directories: tuple[str, ...] = ("",), keep: tuple[str, ...] = ()) -> int:
         """Remove what writes interrupted by a crash left behind in `directories` ("" for the top) of this
         location, except writes of the files named in `keep` (a write in progress elsewhere); returns how many.
@@ -460,6 +715,7 @@ class Location:
                 aborted += 1
         return aborted
 
+    @_reports_failures("removing")
     def remove(self, name: str) -> None:
         """Remove the file `name` (a link is removed itself, never what it points at); nothing if it is absent."""
         target = self.writable_path(name)
@@ -476,6 +732,7 @@ class Location:
             except OSError:  # not empty, absent, or not a directory: leave it
                 pass
 
+    @_reports_failures("removing")
     def remove_tree(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.writable_path(name, directory=True), recursive=True)

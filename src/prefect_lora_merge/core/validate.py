@@ -15,7 +15,7 @@ from .forward import ForwardCheck, forward_check
 from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_non_finite, check_numbers
-from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype
+from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype, weight_map_problem
 from .storage import PIECE_BYTES, Location
 
 
@@ -107,6 +107,10 @@ def _index(output: Location, failures: list[str]) -> dict | None:
         return None
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         failures.append(f"{output.describe(INDEX_FILE)} has no weight_map")
+        return None
+    problem = weight_map_problem(index["weight_map"])
+    if problem:
+        failures.append(f"{output.describe(INDEX_FILE)}: {problem}")
         return None
     return index
 
