@@ -430,8 +430,9 @@ def _load_bin(location: Location, file: str) -> dict[str, torch.Tensor]:
 
 
 def _read_bin(location: Location, file: str) -> dict[str, torch.Tensor]:
+    data = location.read_bytes(file)  # a storage failure is reported as one, not as an unreadable file
     try:
-        state = torch.load(io.BytesIO(location.read_bytes(file)), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AdapterError(
             f"{location.describe(file)} could not be read with torch.load(weights_only=True) ({exc}); "
