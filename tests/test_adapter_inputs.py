@@ -187,25 +187,14 @@ def test_fused_expert_ranks_are_rows_of_A_per_expert_and_must_match_the_config(t
     plans with the per-expert rank; the same tensors under a config that says otherwise are refused."""
     import zoo
     from peft import LoraConfig
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     from prefect_lora_merge.core.errors import InconsistentAdapterError
     from prefect_lora_merge.core.plan import make_plan
 
     base, adapter = zoo._dirs(tmp_path, "mixtral")
     torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    model = MixtralForCausalLM(config)
+    model = MixtralForCausalLM(zoo.tiny_mixtral_config(num_hidden_layers=1))
     zoo._save_base(model, base, torch.float32)
     lora = LoraConfig(
         r=4,

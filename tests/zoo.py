@@ -515,12 +515,9 @@ def build_llava_v5_saved(root: Path) -> Case:
     return _build_llava(root, "llava_v5_saved", legacy_vision=False, seed=14)
 
 
-def build_mixtral_fused(root: Path) -> Case:
-    """Mixtral: fused 3-D experts in memory, per-expert w1/w2/w3 on disk, LoRA via target_parameters."""
-    name = "mixtral_fused"
-    base_dir, adapter_dir = _dirs(root, name)
-    torch.manual_seed(0)
-    config = MixtralConfig(
+def tiny_mixtral_config(**overrides) -> MixtralConfig:
+    """A two-layer Mixtral of four experts, two per token."""
+    kwargs = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=48,
@@ -531,7 +528,16 @@ def build_mixtral_fused(root: Path) -> Case:
         num_experts_per_tok=2,
         max_position_embeddings=64,
     )
-    model = MixtralForCausalLM(config)
+    kwargs.update(overrides)
+    return MixtralConfig(**kwargs)
+
+
+def build_mixtral_fused(root: Path) -> Case:
+    """Mixtral: fused 3-D experts in memory, per-expert w1/w2/w3 on disk, LoRA via target_parameters."""
+    name = "mixtral_fused"
+    base_dir, adapter_dir = _dirs(root, name)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(tiny_mixtral_config())
     _save_base(model, base_dir, torch.float32)
     notes: list[str] = []
     lora = LoraConfig(
