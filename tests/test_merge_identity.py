@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from checkpoint_tools import edit_adapter_config, edit_adapter_tensors
 
 from prefect_lora_merge.cli import main
@@ -20,11 +21,22 @@ def _fingerprint(case, tmp_path, adapter=None, **options) -> str:
     return make_plan(str(case.base_dir), str(adapter or case.adapter_dir), str(tmp_path / "out"), **options).fingerprint
 
 
+DEVICES = [
+    None,  # the default, auto
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
 @pytest.mark.usefixtures("prefect_server")
-def test_validate_with_base_and_adapter_passes_on_the_output_of_a_default_run(llama_case, tmp_path, capsys):
+@pytest.mark.parametrize("device", DEVICES, ids=["default", "cpu", "cuda"])
+def test_validate_with_base_and_adapter_passes_on_the_output_of_a_run_on_any_device(
+    llama_case, tmp_path, capsys, device
+):
     out = str(tmp_path / "out")
     base, adapter = str(llama_case.base_dir), str(llama_case.adapter_dir)
-    assert main(["run", "--base", base, "--adapter", adapter, "--output", out]) == 0  # --device auto
+    chosen = ["--device", device] if device else []
+    assert main(["run", "--base", base, "--adapter", adapter, "--output", out, *chosen]) == 0
     capsys.readouterr()
 
     assert main(["validate", "--output", out, "--base", base, "--adapter", adapter]) == 0
