@@ -342,3 +342,17 @@ def test_a_file_or_directory_in_the_way_of_the_merge_is_refused_before_anything_
     assert code == 1
     assert f"{out / planted} is a {kind} where this tool keeps a" in message, message
     assert tree_digest(out) == before, "nothing was written"
+
+
+def test_validate_names_a_manifest_entry_that_points_outside_the_output(capsys, llama_case, tmp_path):
+    out = tmp_path / "area" / "out"
+    merge_checkpoint(str(llama_case.base_dir), str(llama_case.adapter_dir), str(out))
+    (tmp_path / "area" / "secret.txt").write_bytes(VICTIM)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"]["../secret.txt"] = {"bytes": len(VICTIM), "sha256": _sha(VICTIM)}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    code, message = run_cli(capsys, "validate", "--output", str(out))
+
+    assert code == 1
+    assert "'../secret.txt', which is no file inside the output" in message, message

@@ -16,7 +16,7 @@ from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_non_finite, check_numbers
 from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype, weight_map_problem
-from .storage import PIECE_BYTES, Location
+from .storage import PIECE_BYTES, Location, safe_name
 
 
 class ValidationReport(BaseModel):
@@ -137,6 +137,9 @@ def _check_files(
 
     def check(item: tuple[str, int, str | None]) -> tuple[str | None, str | None, dict[str, int]]:
         name, size, sha = item
+        if not safe_name(name):
+            where = output.describe(MANIFEST_FILE)
+            return f"{where} lists {name!r}, which is no file inside the output (a tampered manifest?)", None, {}
         if name not in present:
             return f"{output.describe(name)} is listed in the manifest but missing", None, {}
         actual = output.size(name)
