@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
 from .fp8 import grid_span, quantize
-from .lora_math import delta_weight, dora_rescale, expert_factors, lora_factors
+from .lora_math import all_finite, delta_weight, dora_rescale, expert_factors, lora_factors
 from .plan import TILED_FORMS, MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
 from .storage import Location
@@ -204,9 +204,9 @@ class _TensorCheck:
             flips += self._compare(rows, stored, got, expected, base, products, scale, problems)
             checked += got.numel()
             if base is not None and tensor.updates:
-                both = torch.isfinite(got) & torch.isfinite(base)
-                base_sq += float(base[both].square().sum())
-                change_sq += float((got - base)[both].square().sum())
+                both = _non_finite_mask(got, base)  # NaN/Inf left out of the norms (check_non_finite judges them)
+                base_sq += float((base if both is None else base[both]).square().sum())
+                change_sq += float((got - base if both is None else (got - base)[both]).square().sum())
         return TensorNumbers(
             tensor=tensor.name,
             file=self.shard.file,
@@ -305,8 +305,10 @@ class _TensorCheck:
             bound = operands * info.eps + info.tiny + products
             rounded = expected.to(dtype) if info.bits < 32 else None
         # NaN/Inf are judged by `check_non_finite`, on every value of the tensor against the base's: left out here.
-        finite = torch.isfinite(got)
-        excess = ((got - expected).abs() - bound).masked_fill(~finite, 0.0)
+        finite = _non_finite_mask(got)
+        excess = (got - expected).abs() - bound
+        if finite is not None:
+            excess = excess.masked_fill(~finite, 0.0)
         if bool((excess > 0).any()):
             worst = int(excess.argmax())
             row, col = divmod(worst, got.shape[1])
@@ -315,7 +317,8 @@ class _TensorCheck:
                 f"more than {tensor.dtype if fp8 is None else 'FP8'}'s rounding (worst at row {rows.start + row}, "
                 f"column {col}: {float(got[row, col]):.6g}, expected {float(expected[row, col]):.6g})"
             )
-        flips = 0 if rounded is None else int(((_bits(stored) != _bits(rounded)) & finite).sum())
+        differ = None if rounded is None else _bits(stored) != _bits(rounded)
+        flips = 0 if differ is None else int((differ if finite is None else differ & finite).sum())
         if flips > FLIP_LIMIT * got.numel():
             problems.append(
                 f"{where}: {100 * flips / got.numel():.1f}% of the values differ from base + adapter recomputed in "
@@ -323,6 +326,17 @@ class _TensorCheck:
                 "is missing or wrong there"
             )
         return flips
+
+
+def _non_finite_mask(*tensors: torch.Tensor) -> torch.Tensor | None:
+    """Where all of `tensors` are finite, or None when they are everywhere (the common case, found by one fast
+    reduction: elementwise isfinite is ~20× slower on CPU)."""
+    if all(all_finite(t) for t in tensors):
+        return None
+    mask = torch.isfinite(tensors[0])
+    for tensor in tensors[1:]:
+        mask &= torch.isfinite(tensor)
+    return mask
 
 
 def _apply_rows(
