@@ -88,24 +88,24 @@ class AdapterConfig(BaseModel):
 
     def alpha(self, key: str, rule: str) -> float:
         """lora_alpha for the module or parameter `key` under one of PEFT's pattern rules."""
-        if rule == "0.13":  # one key from rank_pattern + alpha_pattern together, then looked up in alpha_pattern
-            patterns = [*self.rank_pattern, *self.alpha_pattern]
-            chosen = next((k for k in patterns if re.match(rf".*\.{k}$", key)), key)
-            return float(self.alpha_pattern.get(chosen, self.lora_alpha))
-        if rule == "0.14":
-            chosen = next((k for k in self.alpha_pattern if re.match(rf".*\.{k}$", key)), key)
-            return float(self.alpha_pattern.get(chosen, self.lora_alpha))
-        chosen = pattern_key(self.alpha_pattern, key)
-        return float(self.alpha_pattern[chosen]) if chosen else float(self.lora_alpha)
+        chosen = self._pattern_choice(self.alpha_pattern, key, rule)
+        return float(self.alpha_pattern.get(chosen, self.lora_alpha)) if chosen is not None else float(self.lora_alpha)
 
     def rank_key(self, key: str, rule: str) -> str | None:
         """The rank_pattern entry that sets r for the module or parameter `key` under one of PEFT's pattern rules
         (the same rules as alpha's), or None: then r applies."""
-        if rule in ("0.13", "0.14"):
-            patterns = [*self.rank_pattern, *self.alpha_pattern] if rule == "0.13" else list(self.rank_pattern)
-            chosen = next((k for k in patterns if re.match(rf".*\.{k}$", key)), key)
-            return chosen if chosen in self.rank_pattern else None
-        return pattern_key(self.rank_pattern, key)
+        chosen = self._pattern_choice(self.rank_pattern, key, rule)
+        return chosen if chosen in self.rank_pattern else None
+
+    def _pattern_choice(self, patterns: dict[str, Any], key: str, rule: str) -> str | None:
+        """The pattern key PEFT's rule picks for `key` among `patterns` (rank_pattern or alpha_pattern). Before
+        0.14 one key was picked from rank_pattern and alpha_pattern together, and the name itself stood for no
+        match; 0.14 picked from the pattern's own dict; from 0.15 on `pattern_key` decides (None: no match)."""
+        if rule == "0.13":
+            return next((k for k in [*self.rank_pattern, *self.alpha_pattern] if re.match(rf".*\.{k}$", key)), key)
+        if rule == "0.14":
+            return next((k for k in patterns if re.match(rf".*\.{k}$", key)), key)
+        return pattern_key(patterns, key)
 
     def rank(self, key: str, rule: str) -> int:
         chosen = self.rank_key(key, rule)

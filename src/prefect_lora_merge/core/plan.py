@@ -34,7 +34,7 @@ from .errors import (
 from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
 from .fp8 import scale_grid_shape
 from .quantized import QuantizedBase, QuantizedWeight, find_quantized
-from .safetensors_format import ShardHeader, TensorEntry, layout, read_header, weight_map_problem
+from .safetensors_format import FLOAT_DTYPES, ShardHeader, TensorEntry, layout, read_header, weight_map_problem
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -93,7 +93,6 @@ LINEAR_ONLY_HINT = frozenset(
 )
 # transformers MoE blocks whose fused expert weights are stored (E, in, out) (`is_transposed = True`).
 TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # what a touched tensor may be
 MANIFEST_FILE = "lora-merge-manifest.json"
 REPORT_FILE = "lora-merge-report.json"  # the last validation's report, beside the manifest (not listed in it)
 OWN_FILES = (MANIFEST_FILE, REPORT_FILE)  # this tool's files at the top of an output: never copied as side files

@@ -16,9 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from .errors import UnsupportedBaseError
-from .safetensors_format import TensorEntry
-
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+from .safetensors_format import FLOAT_DTYPES, TensorEntry
 
 # (stored tensor name pattern, the weight's name as modules see it, the format) for formats whose companion tensors
 # say what they are. Each `weight` group is what an adapter targets.

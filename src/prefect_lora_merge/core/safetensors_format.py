@@ -22,6 +22,7 @@ from .errors import CheckpointFormatError
 from .storage import Location
 
 # The official reader refuses headers above 100 MB; so do we, before allocating anything.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # floating-point dtypes a merge computes in
 MAX_HEADER_BYTES = 100_000_000
 
 # Tensors of these dtypes can be decoded (and so merged into, or used as adapter weights).
