@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from prefect_lora_merge.core.fp8 import E4M3_MAX, dequantize, quantize, requantize
+from prefect_lora_merge.core.formats.block_fp8 import E4M3_MAX, dequantize, quantize, requantize
 from prefect_lora_merge.core.lora_math import tile_merge
 from prefect_lora_merge.core.merge import keep_large_buffers_off_the_heap
 from prefect_lora_merge.core.plan import Update

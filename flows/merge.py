@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
-from prefect_lora_merge.core.fp8 import FP8_WARN_COSINE, DeltaSurvival
+from prefect_lora_merge.core.formats.survival import WARN_COSINE, DeltaSurvival
 from prefect_lora_merge.core.lease import Lease, output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MANIFEST_FILE, REPORT_FILE, MergePlan, ShardPlan
@@ -43,7 +43,7 @@ class MergeSummary(BaseModel):
     workers: int = 1  # shards merged at once
     compute_threads: int = 1  # compute threads per shard (0: each Dask worker's own default)
     runner: str = "threads"  # where the shards ran: threads of the flow's process, or dask
-    # FP8 output: the re-quantized weight that kept the least of its delta, and those under FP8_WARN_COSINE
+    # FP8 output: the re-quantized weight that kept the least of its delta, and those under WARN_COSINE
     fp8_worst_delta: DeltaSurvival | None = None
     fp8_weak_deltas: list[DeltaSurvival] = []
     validation_passed: bool
@@ -162,7 +162,7 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
             + "; ".join(failures[:3])
         )
     deltas = sorted((d for r in receipts for d in r.fp8_deltas), key=lambda d: d.cosine)
-    weak = [d for d in deltas if d.cosine < FP8_WARN_COSINE]
+    weak = [d for d in deltas if d.cosine < WARN_COSINE]
     for d in weak[:20]:
         logger.warning(
             "%s: re-quantized to FP8, only cosine %.3f of its delta survived (relative error %.2f); "

@@ -22,7 +22,7 @@ from transformers import DeepseekV3ForCausalLM
 
 from prefect_lora_merge.core import tiling
 from prefect_lora_merge.core.errors import CheckpointFormatError, LoraMergeError
-from prefect_lora_merge.core.fp8 import dequantize, quantize, requantize
+from prefect_lora_merge.core.formats.block_fp8 import dequantize, quantize, requantize
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 from prefect_lora_merge.core.validate import validate_output

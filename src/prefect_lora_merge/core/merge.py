@@ -26,7 +26,8 @@ import torch
 from .adapter import read_adapter_tensor
 from .buffers import BufferPool
 from .errors import AdapterError, CheckpointFormatError, LoraMergeError
-from .fp8 import DeltaSurvival, dequantize, requantize
+from .formats.block_fp8 import dequantize, requantize
+from .formats.survival import DeltaSurvival
 from .lora_math import Fetch, all_finite, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .resources import DEVICE_PATTERN

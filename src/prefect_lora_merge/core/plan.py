@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .fingerprint import ALGORITHM_VERSION, merge_fingerprint
-from .fp8 import scale_grid_shape
+from .formats.block_fp8 import scale_grid_shape
 from .quantized import QuantizedBase, QuantizedWeight, find_quantized
 from .safetensors_format import FLOAT_DTYPES, ShardHeader, TensorEntry, layout, read_header, weight_map_problem
 from .storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location, refuse_output_inside_inputs

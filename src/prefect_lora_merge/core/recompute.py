@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
-from .fp8 import grid_span, quantize
+from .formats.block_fp8 import grid_span, quantize
 from .lora_math import all_finite, delta_weight, dora_rescale, expert_factors, lora_factors
 from .plan import TILED_FORMS, MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype

@@ -21,7 +21,7 @@ from collections import Counter
 from pydantic import BaseModel
 
 from .errors import LoraMergeError, OutputLocationError
-from .fp8 import DeltaSurvival
+from .formats.survival import DeltaSurvival
 from .lease import LEASE_FILE
 from .plan import INDEX_FILE, MANIFEST_FILE, OWN_FILES, REPORT_FILE, MergeJob, MergePlan, ShardPlan, update_keys
 from .storage import PARTIAL_WRITE, Location, safe_name

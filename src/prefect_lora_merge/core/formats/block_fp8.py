@@ -14,13 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel
-
-from .tiling import TileMerge, tiles
+from ..tiling import TileMerge, tiles
+from .survival import DeltaSurvival, SurvivalSums
 
 E4M3_MAX = 448.0
-# A re-quantized weight whose realised delta points less than this way along the intended one is reported.
-FP8_WARN_COSINE = 0.9
 MIN_AMAX = 1e-4  # DeepSeek's quantizer: an all-zero block still gets a finite, non-zero scale
 
 # e4m3fn bits moved into a float16 (sign to bit 15, exponent and mantissa to bits 7..13) read as 2^-8 times the
@@ -28,18 +25,6 @@ MIN_AMAX = 1e-4  # DeepSeek's quantizer: an all-zero block still gets a finite, 
 # conversion are vectorised on CPU; PyTorch's own float8 -> float32 conversion is ~7x slower there. The 2^8 goes
 # into the block scale, which keeps the product exact: both factors are exact and it is rounded once.
 _E4M3_VIA_FP16_FACTOR = 2.0**8
-
-
-class DeltaSurvival(BaseModel):
-    """How much of an intended weight change ΔW a re-quantized FP8 weight still carries.
-
-    `cosine` of realised vs intended ΔW (1 = same direction); `relative_norm` ‖realised‖/‖intended‖ (1 = same size);
-    `relative_error` ‖realised − intended‖/‖intended‖ (0 = all of it survived)."""
-
-    tensor: str
-    cosine: float
-    relative_norm: float
-    relative_error: float
 
 
 def scale_grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
@@ -94,34 +79,14 @@ def requantize(
     new_codes = torch.empty_like(codes)
     new_scales = torch.empty(scale_grid_shape(codes.shape, block), dtype=torch.float32, device=codes.device)
     scales = scales.to(device=codes.device, dtype=torch.float32)
-    # Sums of products of the intended ΔW `i = merged - base` and the quantization error `e = realised - merged`:
-    # realised ΔW is `i + e`, so cosine and norms follow without the cancellation of subtracting two near-equal sums.
-    ii = ie = ee = 0.0
+    sums = SurvivalSums()
     for rows, cols in tiles(codes.shape, codes.device, block):
         base = _decoded(codes[rows, cols], scales[_grid(rows, cols, block)], block)
         merged = merge(base, rows, cols)
         tile_codes, grid = _encoded(merged, block, ue8m0)
         new_codes[rows, cols], new_scales[_grid(rows, cols, block)] = tile_codes, grid
-        error = _decoded(tile_codes, grid, block, from_base=False).sub_(merged).reshape(-1)
-        intended = merged.sub(base).reshape(-1)
-        # float32 dot products of one tile (accumulated blockwise by BLAS), added up in float64
-        ii += float(torch.dot(intended, intended))
-        ie += float(torch.dot(intended, error))
-        ee += float(torch.dot(error, error))
-    return new_codes, new_scales, _survival(tensor, ii, ie, ee)
-
-
-def _survival(tensor: str, ii: float, ie: float, ee: float) -> DeltaSurvival:
-    if ii <= 0.0:  # nothing was meant to change
-        return DeltaSurvival(tensor=tensor, cosine=1.0 if ee == 0 else 0.0, relative_norm=0.0, relative_error=0.0)
-    rr = max(ii + 2 * ie + ee, 0.0)  # ‖i + e‖²
-    cosine = (ii + ie) / math.sqrt(ii * rr) if rr > 0 else 0.0
-    return DeltaSurvival(
-        tensor=tensor,
-        cosine=max(-1.0, min(1.0, cosine)),
-        relative_norm=math.sqrt(rr / ii),
-        relative_error=math.sqrt(ee / ii),
-    )
+        sums.add(base, merged, _decoded(tile_codes, grid, block, from_base=False))
+    return new_codes, new_scales, sums.survival(tensor)
 
 
 def grid_span(span: slice, block: int) -> slice:

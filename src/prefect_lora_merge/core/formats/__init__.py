@@ -1,0 +1,1 @@
+"""Quantized weight formats: one module per format behind `base.WeightFormat`."""
