@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from ..tiling import TileMerge, tiles
 from .survival import DeltaSurvival, SurvivalSums
 
