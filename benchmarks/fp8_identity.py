@@ -56,7 +56,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         old = work / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.against], check=True)
+        add = ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.against]
+        subprocess.run(add, check=True)
         try:
             print(f"| base | --output-dtype | tiles | files | identical to {args.against[:10]} |")
             print("|---|---|---|---|---|")

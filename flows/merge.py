@@ -43,9 +43,9 @@ class MergeSummary(BaseModel):
     workers: int = 1  # shards merged at once
     compute_threads: int = 1  # compute threads per shard (0: each Dask worker's own default)
     runner: str = "threads"  # where the shards ran: threads of the flow's process, or dask
-    # FP8 output: the re-quantized weight that kept the least of its delta, and those under WARN_COSINE
-    fp8_worst_delta: DeltaSurvival | None = None
-    fp8_weak_deltas: list[DeltaSurvival] = []
+    # Kept in a quantized format: the re-quantized weight that kept the least of its delta, those under WARN_COSINE
+    worst_delta_survival: DeltaSurvival | None = None
+    weak_delta_survivals: list[DeltaSurvival] = []
     validation_passed: bool
     validation_checks: dict[str, int]
     validation_seconds: float = 0.0  # part of `seconds`
@@ -161,11 +161,11 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
             f"{len(failures)} of {len(plan.shards)} shard(s) failed (the others are written; re-run to finish): "
             + "; ".join(failures[:3])
         )
-    deltas = sorted((d for r in receipts for d in r.fp8_deltas), key=lambda d: d.cosine)
+    deltas = sorted((d for r in receipts for d in r.delta_survivals), key=lambda d: d.cosine)
     weak = [d for d in deltas if d.cosine < WARN_COSINE]
     for d in weak[:20]:
         logger.warning(
-            "%s: re-quantized to FP8, only cosine %.3f of its delta survived (relative error %.2f); "
+            "%s: re-quantized, only cosine %.3f of its delta survived (relative error %.2f); "
             "--output-dtype bf16 keeps all of it",
             d.tensor,
             d.cosine,
@@ -195,8 +195,8 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
         workers=runner.slots,
         compute_threads=runner.threads or 0,
         runner=runner.kind,
-        fp8_worst_delta=deltas[0] if deltas else None,
-        fp8_weak_deltas=weak,
+        worst_delta_survival=deltas[0] if deltas else None,
+        weak_delta_survivals=weak,
         validation_passed=report.passed,
         validation_checks=report.checks,
         validation_seconds=report.seconds,

@@ -40,7 +40,7 @@ def plan_merge(params: MergeParameters) -> MergePlan:
         device=params.device,
         storage_options=params.storage_options,
         output_dtype=params.output_dtype,
-        fp8_min_cosine=params.fp8_min_cosine,
+        min_delta_cosine=params.min_delta_cosine,
     )
 
 

@@ -87,11 +87,11 @@ def _attention_deltas(case) -> dict[str, torch.Tensor]:
 def test_block_fp8_is_recognised_by_format_and_bf16_is_the_default(case, tmp_path):
     plan = make_plan(str(case.base_dir), str(case.adapter_dir), str(tmp_path / "out"))
     assert plan.output_dtype == "bf16"
-    fp8 = {t.name: t.fp8 for s in plan.shards for t in s.tensors if t.fp8 is not None}
+    fp8 = {t.name: t.quantized for s in plan.shards for t in s.tensors if t.quantized is not None}
     assert {n for n, role in fp8.items() if role.write == "dequantized"} == set(case.quantized)
     assert {n for n, role in fp8.items() if role.write == "dropped"} == {f"{n}_scale_inv" for n in case.quantized}
     for name in case.cross_shard:  # found through the index, in the shard that holds it
-        assert fp8[name].weight.scales.file != fp8[name].weight.codes.file
+        assert fp8[name].weight.parts["scales"].file != fp8[name].weight.parts["codes"].file
 
 
 def test_kimi_k2_takes_the_same_path(case, tmp_path):
@@ -205,14 +205,16 @@ def test_fp8_output_requantizes_touched_weights_with_fresh_scales_wherever_the_s
 def test_each_requantized_weight_is_computed_once_per_shard_that_stores_a_half_of_it(
     case, fp8_out, tmp_path, monkeypatch
 ):
-    from prefect_lora_merge.core import merge
+    from prefect_lora_merge.core.formats.block_fp8 import BlockFp8
 
     calls: list[str] = []
-    real = merge.requantize
-    monkeypatch.setattr(merge, "requantize", lambda *a, **k: calls.append(k["tensor"]) or real(*a, **k))
+    real = BlockFp8.requantize
+    monkeypatch.setattr(
+        BlockFp8, "requantize", lambda self, weight, *a: calls.append(weight.name) or real(self, weight, *a)
+    )
     out = tmp_path / "merged"
     merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
-    touched = {t.name for s in fp8_out[1].plan.shards for t in s.touched if t.fp8 is not None}
+    touched = {t.name for s in fp8_out[1].plan.shards for t in s.touched if t.quantized is not None}
     # once where codes and scales share a shard; in each of the two shards where they do not
     assert sorted(calls) == sorted([*touched, *(set(case.cross_shard) & touched)])
     for path in shards(fp8_out[0]):
@@ -221,8 +223,8 @@ def test_each_requantized_weight_is_computed_once_per_shard_that_stores_a_half_o
 
 def test_fp8_output_reports_how_much_of_each_delta_survived(case, fp8_out):
     out, result = fp8_out
-    touched = sorted(t.name for s in result.plan.shards for t in s.touched if t.fp8 is not None)
-    figures = {d.tensor: d for r in result.receipts for d in r.fp8_deltas}
+    touched = sorted(t.name for s in result.plan.shards for t in s.touched if t.quantized is not None)
+    figures = {d.tensor: d for r in result.receipts for d in r.delta_survivals}
     assert sorted(figures) == touched
     base, merged = _tensors(case.base_dir), _tensors(out)
     for name, delta in _attention_deltas(case).items():
@@ -233,8 +235,8 @@ def test_fp8_output_reports_how_much_of_each_delta_survived(case, fp8_out):
         assert figures[name].cosine == pytest.approx(cosine.item(), abs=1e-6)
         assert 0 < figures[name].relative_error < 1
     manifest = json.loads((out / "lora-merge-manifest.json").read_text())
-    assert manifest["output_dtype"] == "fp8"
-    assert sorted(d["tensor"] for s in manifest["shards"] for d in s["fp8_deltas"]) == touched
+    assert manifest["output_dtype"] == "keep"
+    assert sorted(d["tensor"] for s in manifest["shards"] for d in s["delta_survivals"]) == touched
 
 
 def test_validation_recomputes_every_converted_and_requantized_weight(case, bf16_out, fp8_out):
@@ -266,9 +268,9 @@ def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, fp8_o
 
 def test_a_delta_that_does_not_survive_fails_the_shard_past_the_users_threshold(case, tmp_path):
     out = tmp_path / "merged"
-    with pytest.raises(LoraMergeError, match=r"keeps too little.*--fp8-min-cosine 0.9999999.*--output-dtype bf16"):
+    with pytest.raises(LoraMergeError, match=r"keeps too little.*--min-delta-cosine 0.9999999.*--output-dtype bf16"):
         merge_checkpoint(
-            str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8", fp8_min_cosine=0.9999999
+            str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8", min_delta_cosine=0.9999999
         )
     assert not (out / "lora-merge-manifest.json").exists()
     committed = [p.name for p in shards(out)]
@@ -302,7 +304,7 @@ def test_ue8m0_checkpoints_are_requantized_with_power_of_two_scales(tmp_path):
     result = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
     assert result.report.passed
     merged = _tensors(out)
-    for name in {t.name for s in result.plan.shards for t in s.touched if t.fp8 is not None}:
+    for name in {t.name for s in result.plan.shards for t in s.touched if t.quantized is not None}:
         grid = merged[f"{name}_scale_inv"]
         assert torch.equal(torch.log2(grid), torch.log2(grid).round()), name
 
@@ -315,8 +317,8 @@ def test_tile_by_tile_gives_the_same_bytes_as_whole_tensors(case, bf16_out, fp8_
         tiled = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype=mode)
         for path in shards(reference):
             assert (out / path.name).read_bytes() == path.read_bytes(), (mode, path.name)
-        cosines = [d.cosine for r in tiled.receipts for d in r.fp8_deltas]
-        assert cosines == pytest.approx([d.cosine for r in result.receipts for d in r.fp8_deltas], abs=1e-6)
+        cosines = [d.cosine for r in tiled.receipts for d in r.delta_survivals]
+        assert cosines == pytest.approx([d.cosine for r in result.receipts for d in r.delta_survivals], abs=1e-6)
 
 
 def test_requantize_is_quantize_of_the_merged_weight_with_exact_survival_figures(monkeypatch):
@@ -394,7 +396,7 @@ def test_fp8_without_a_block_size_is_refused(case, tmp_path):
 
 
 def test_output_dtype_on_a_checkpoint_without_fp8_is_refused(llama_case, tmp_path):
-    with pytest.raises(LoraMergeError, match="--output-dtype fp8.*no FP8 weights"):
+    with pytest.raises(LoraMergeError, match="--output-dtype fp8.*no quantized weights"):
         make_plan(str(llama_case.base_dir), str(llama_case.adapter_dir), str(tmp_path / "out"), output_dtype="fp8")
 
 
@@ -409,8 +411,8 @@ def test_cli_merges_in_fp8_and_validates_against_base_and_adapter(case, tmp_path
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "FP8 base written in FP8" in run.stdout
-    assert "worst FP8 delta survival" in run.stdout
+    assert "block-FP8 base kept in block-FP8" in run.stdout
+    assert "worst delta survival after re-quantization" in run.stdout
     check = subprocess.run([*cli, "validate", *inputs, "--output", str(out)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 

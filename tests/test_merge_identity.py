@@ -48,7 +48,7 @@ def test_the_fingerprint_ignores_what_does_not_change_a_byte(llama_case, tmp_pat
     reference = _fingerprint(llama_case, tmp_path, adapter)
     assert _fingerprint(llama_case, tmp_path, adapter, device="auto") == reference
     assert _fingerprint(llama_case, tmp_path, adapter, device="cuda:1") == reference
-    assert _fingerprint(llama_case, tmp_path, adapter, fp8_min_cosine=0.99) == reference
+    assert _fingerprint(llama_case, tmp_path, adapter, min_delta_cosine=0.99) == reference
     assert make_plan(str(llama_case.base_dir), str(adapter), str(tmp_path / "elsewhere")).fingerprint == reference
     edit_adapter_config(adapter, base_model_name_or_path="/some/other/mount/of/the/base", inference_mode=False)
     assert _fingerprint(llama_case, tmp_path, adapter) == reference

@@ -69,10 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     def output_dtype(p: argparse.ArgumentParser, *, default: str | None) -> None:
         p.add_argument(
             "--output-dtype",
-            choices=("auto", "bf16", "fp8"),
+            choices=("auto", "bf16", "keep", "fp8"),
             default=default,
-            help="FP8 block-quantized bases only: bf16 (auto) dequantizes every FP8 weight; fp8 keeps untouched "
-            "FP8 weights byte for byte and re-quantizes touched ones",
+            help="quantized bases (block-FP8, INT4, MXFP4) only: bf16 (auto) dequantizes every quantized weight; "
+            "keep leaves untouched quantized weights byte for byte and re-quantizes touched ones in the base's "
+            "format (fp8: the same, its older name)",
         )
 
     run = sub.add_parser("run", help="merge through the Prefect flow")
@@ -116,11 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         "run per output, then the output's lease) instead of failing",
     )
     run.add_argument(
-        "--fp8-min-cosine",
+        "--min-delta-cosine",
         type=_cosine,
         metavar="C",
-        help="with --output-dtype fp8: fail when a re-quantized weight keeps less of its delta than this cosine",
+        help="with --output-dtype keep: fail when a re-quantized weight keeps less of its delta than this cosine",
     )
+    # its name while block-FP8 was the only quantized format
+    run.add_argument("--fp8-min-cosine", dest="min_delta_cosine", type=_cosine, help=argparse.SUPPRESS)
     run.set_defaults(handler=_run)
 
     plan = sub.add_parser("plan", help="dry run: what would be merged, where, and the memory it needs")
@@ -220,7 +223,7 @@ def _count(text: str) -> int:
 
 
 def _cosine(text: str) -> float:
-    """A cosine between -1 and 1 (--fp8-min-cosine)."""
+    """A cosine between -1 and 1 (--min-delta-cosine)."""
     try:
         value = float(text)
     except ValueError:
@@ -292,7 +295,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         break_lock=args.break_lock,
         wait_for_output=args.wait_for_output,
         output_dtype=args.output_dtype,
-        fp8_min_cosine=args.fp8_min_cosine,
+        min_delta_cosine=args.min_delta_cosine,
         storage_options=storage_options,
     )
     summary = run_merge(params)
@@ -319,14 +322,14 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         )
         if summary.largest_change is not None:
             _print_largest_change(summary.largest_change)
-        if summary.fp8_worst_delta is not None:
-            worst = summary.fp8_worst_delta
+        if summary.worst_delta_survival is not None:
+            worst = summary.worst_delta_survival
             print(
-                f"worst FP8 delta survival: {worst.tensor} cosine {worst.cosine:.4f}, relative error "
-                f"{worst.relative_error:.3f} ({len(summary.fp8_weak_deltas)} weight(s) under the warning level)"
+                f"worst delta survival after re-quantization: {worst.tensor} cosine {worst.cosine:.4f}, relative error "
+                f"{worst.relative_error:.3f} ({len(summary.weak_delta_survivals)} weight(s) under the warning level)"
             )
-        for weak in summary.fp8_weak_deltas[:10]:
-            print(f"warning: {weak.tensor}: only cosine {weak.cosine:.3f} of its delta survived FP8 re-quantization")
+        for weak in summary.weak_delta_survivals[:10]:
+            print(f"warning: {weak.tensor}: only cosine {weak.cosine:.3f} of its delta survived re-quantization")
         for decision in summary.decisions:
             print(f"note: {decision}")
     return 0
@@ -495,9 +498,7 @@ def _merged_output_dtype(output: Any) -> str:
         manifest = read_manifest(output)
     except LoraMergeError:
         return "auto"
-    if manifest is None or manifest.output_dtype == "keep":
-        return "auto"
-    return manifest.output_dtype
+    return "auto" if manifest is None else manifest.output_dtype
 
 
 def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:

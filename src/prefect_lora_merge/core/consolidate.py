@@ -36,7 +36,7 @@ class Manifest(BaseModel):
     tool_version: str
     algorithm_version: str = ALGORITHM_VERSION
     fingerprint: str
-    output_dtype: str = "keep"  # keep (every tensor its base dtype), or bf16 / fp8 for an FP8 block-quantized base
+    output_dtype: str = "keep"  # keep (every tensor in its base format), or bf16 for a dequantized quantized base
     base: dict[str, Any]
     adapter: dict[str, Any]
     decisions: list[str]

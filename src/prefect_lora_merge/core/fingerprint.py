@@ -2,7 +2,7 @@
 
 Two runs with the same fingerprint write the same bytes, so a run may take over what another committed (resume,
 `validate --base --adapter`). Nothing that leaves the bytes alone is in it: where the arithmetic runs (`--device`),
-checks that only pass or fail a run (`--fp8-min-cosine`), how many shards run at once, where the inputs are mounted
+checks that only pass or fail a run (`--min-delta-cosine`), how many shards run at once, where the inputs are mounted
 (their URIs), or how the plan words its decisions. What the tool derives from the inputs (which update lands on
 which tensor) is not hashed either: the inputs are, and `ALGORITHM_VERSION` stands for the derivation. A release
 that changes the bytes written for the same inputs bumps `ALGORITHM_VERSION`; one that changes what is hashed here

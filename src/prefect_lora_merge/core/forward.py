@@ -40,10 +40,10 @@ def forward_check(plan: MergePlan, failures: list[str]) -> ForwardCheck:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as exc:
         raise LoraMergeError("--forward needs transformers and peft: pip install 'prefect-lora-merge[demo]'") from exc
-    if plan.output_dtype != "keep":
+    if plan.quantized_format is not None:
         raise LoraMergeError(
-            "--forward does not run on FP8 checkpoints (transformers' FP8 loader needs a GPU); the per-tensor numbers "
-            "check them"
+            f"--forward does not run on quantized checkpoints ({plan.quantized_format}: transformers' loaders for "
+            "them need a GPU or their own kernels); the per-tensor numbers check them"
         )
     with tempfile.TemporaryDirectory(prefix="lora-merge-forward-") as tmp:
         base_dir = _local(plan.job.base, Path(tmp) / "base")

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .plan import TILED_FORMS, Update, merges_by_tiles
 from .safetensors_format import torch_dtype
 from .tiling import TileMerge, Workspace
+from .update import TILED_FORMS, Update, merges_by_tiles
 
 Fetch = Callable[[str], torch.Tensor]  # adapter key -> fp32 tensor on the compute device
 

@@ -26,7 +26,8 @@ import torch
 from .adapter import read_adapter_tensor
 from .buffers import BufferPool
 from .errors import AdapterError, CheckpointFormatError, LoraMergeError
-from .formats.block_fp8 import dequantize, requantize
+from .formats import weight_format
+from .formats.base import NonFiniteValues, QuantizedWeight
 from .formats.survival import DeltaSurvival
 from .lora_math import Fetch, all_finite, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
@@ -80,8 +81,9 @@ def keep_large_buffers_off_the_heap() -> None:
 class _Segment:
     tensor: PlannedTensor | None  # None: raw bytes of untouched tensors
     data: memoryview  # pooled: given back once computed on or written
-    size: int  # bytes held, data and companion (counted against the read-ahead budget)
-    companion: memoryview | None = None  # an FP8 weight's scale grid, or a scale grid's weight codes (any shard)
+    size: int  # bytes held, data and other parts (counted against the read-ahead budget)
+    # a quantized weight's other stored parts, by role, read with this one (from any shard)
+    others: dict[str, memoryview] | None = None
 
 
 def merge_or_resume_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
@@ -131,7 +133,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     applied: list[str] = []
     survivals: list[DeltaSurvival] = []
     adapter_cache: dict[str, torch.Tensor] = {}
-    kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _fp8_tensor
+    kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _quantized_tensor
     workspace = Workspace(device)
     pool = BufferPool(POOLED_BYTES, piece=PIECE_BYTES)
     result_bytes = {e.name: e.nbytes for e in shard.output_entries()}
@@ -150,17 +152,17 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
             planned = segment.tensor
             written_view = pool.take(result_bytes[planned.name])
             result = _over(written_view, planned.dtype, planned.shape)
-            if planned.fp8 is not None:
-                survival = _fp8_tensor(planned, segment, fetch, workspace, kept, threads, result)
+            if planned.quantized is not None:
+                survival = _quantized_tensor(planned, segment, fetch, workspace, kept, threads, result)
                 if survival is not None:
-                    _check_survival(job, shard, survival)
+                    _check_survival(job, shard, survival, weight_format(planned.quantized.weight.format).label)
                     survivals.append(survival)
             else:
                 _merge_tensor(planned, segment.data, fetch, workspace, threads, result)
             del result  # nothing looks at the pooled buffers any more: they can go back once used
             pool.give(segment.data)
-            if segment.companion is not None:
-                pool.give(segment.companion)
+            for view in (segment.others or {}).values():
+                pool.give(view)
             writer.write(written_view, give_back=pool)
             applied += [k for u in planned.updates for k in update_keys(u)]
     written = writer.written
@@ -176,7 +178,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
         tensors=len(shard.tensors),
         touched=[t.name for t in shard.touched],
         applied=applied,
-        fp8_deltas=survivals,
+        delta_survivals=survivals,
         seconds=time.perf_counter() - started,
         device=str(device),
     )
@@ -328,7 +330,7 @@ def _over(view: memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return _from_buffer(view, torch_dtype(dtype), shape)
 
 
-def _fp8_tensor(
+def _quantized_tensor(
     planned: PlannedTensor,
     segment: _Segment,
     fetch: Fetch,
@@ -337,83 +339,78 @@ def _fp8_tensor(
     threads: int | None,
     out: torch.Tensor,
 ) -> DeltaSurvival | None:
-    """An FP8 weight written in bf16 or re-quantized, or the fresh scale grid of a re-quantized weight, into `out`;
-    the delta's survival for re-quantized codes.
+    """A part of a quantized weight into `out`: the weight dequantized to bf16, or one re-quantized part; the
+    delta's survival for the weight's primary part when re-quantized.
 
-    The delta applies to the dequantized float32 weight (LoRA on FP8 bases is trained on a bf16/fp32 copy), one
-    tile at a time where the update allows it. A re-quantization makes codes and scales at once: when the other
-    half is stored later in the same shard, it waits in `kept` (by tensor name) instead of being computed again;
-    in another shard, that shard's merge computes it from the same inputs."""
+    The delta applies to the dequantized float32 weight (LoRA on quantized bases is trained on a dequantized
+    copy), one tile at a time where the update allows it. A re-quantization makes every part at once: the parts
+    stored later in the same shard wait in `kept` (by tensor name) instead of being computed again; in another
+    shard, that shard's merge computes them from the same inputs."""
     if planned.name in kept:
         done, survival = kept.pop(planned.name)
         out.copy_(done)
         return survival
-    role = planned.fp8
-    assert role is not None
+    role = planned.quantized
+    assert role is not None and segment.others is not None, "a quantized part is read with its weight's others"
     weight = role.weight
-    assert segment.companion is not None, "an FP8 weight is read with its other half"
-    if role.write == "scales":
-        codes_bytes, scale_bytes, updates = segment.companion, segment.data, role.weight_updates
-    else:
-        codes_bytes, scale_bytes, updates = segment.data, segment.companion, planned.updates
+    fmt = weight_format(weight.format)
+    views = {role.role: segment.data, **segment.others}
     device = workspace.device
-    codes = _from_buffer(codes_bytes, torch.float8_e4m3fn, weight.codes.entry.shape).to(device)
-    scales = _from_buffer(scale_bytes, torch.float32, weight.scales.entry.shape).to(device)
+    parts = {
+        r: _from_buffer(views[r], torch_dtype(ref.entry.dtype), ref.entry.shape).to(device)
+        for r, ref in weight.parts.items()
+    }
+    updates = planned.weight_updates
     merge = None
     if updates:
-        merge = tile_merge(updates, fetch, workspace) or _whole_merge(codes, scales, weight.block, updates, fetch)
+        merge = tile_merge(updates, fetch, workspace) or _whole_merge(weight, parts, updates, fetch)
     if role.write == "dequantized":
         with _elementwise_threads(threads):
-            result = dequantize(codes, scales, weight.block, torch.bfloat16, merge)
+            result = fmt.dequantize(weight, parts, dtype=torch.bfloat16, merge=merge)
         if not all_finite(result):  # bf16 has fp32's range: only NaN/Inf in the base or the adapter end up here
-            raise _not_finite(planned, codes, scales, updates)
+            raise _not_finite(weight, parts, updates)
         out.copy_(result)
         return None
     assert merge is not None, "only touched weights are re-quantized"
-    with _elementwise_threads(threads):
-        new_codes, new_scales, survival = requantize(
-            codes, scales, weight.block, merge, ue8m0=weight.ue8m0, tensor=weight.codes.entry.name
-        )
-    if not all_finite(new_scales):  # any NaN/Inf in a block ends up in its scale
-        raise _not_finite(planned, codes, scales, updates)
-    codes_half, scales_half = (new_codes.cpu(), survival), (new_scales.cpu(), None)
-    mine, other = (scales_half, codes_half) if role.write == "scales" else (codes_half, scales_half)
-    if weight.codes.file == weight.scales.file:
-        other_name = weight.codes.entry.name if role.write == "scales" else weight.scales.entry.name
-        kept[other_name] = other
-    out.copy_(mine[0])
-    return mine[1]
+    try:
+        with _elementwise_threads(threads):
+            new_parts, survival = fmt.requantize(weight, parts, merge)
+    except NonFiniteValues:
+        raise _not_finite(weight, parts, updates) from None
+    here = weight.parts[role.role].file
+    for other, ref in weight.parts.items():
+        if other != role.role and ref.file == here:
+            kept[ref.entry.name] = (new_parts[other].cpu(), survival if other == weight.primary else None)
+    out.copy_(new_parts[role.role].cpu())
+    return survival if role.role == weight.primary else None
 
 
 def _whole_merge(
-    codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], updates: tuple[Update, ...], fetch: Fetch
+    weight: QuantizedWeight, parts: dict[str, torch.Tensor], updates: tuple[Update, ...], fetch: Fetch
 ) -> TileMerge:
-    """Updates that need the whole weight at once (DoRA): merge it in full, then hand out its tiles."""
-    merged = merged_tensor(dequantize(codes, scales, block), updates, fetch)
+    """Updates that need the whole weight at once (DoRA, fused experts): merge it in full, then hand out tiles."""
+    merged = merged_tensor(weight_format(weight.format).dequantize(weight, parts), updates, fetch)
     return lambda _values, rows, cols: merged[rows, cols]
 
 
-def _not_finite(
-    planned: PlannedTensor, codes: torch.Tensor, scales: torch.Tensor, updates: tuple[Update, ...]
-) -> LoraMergeError:
-    """The error for NaN/Inf in a dequantized or merged FP8 weight: the base's fault or the adapter's."""
-    assert planned.fp8 is not None
-    weight = planned.fp8.weight
-    name = weight.codes.entry.name
-    if not all_finite(dequantize(codes, scales, weight.block)):
+def _not_finite(weight: QuantizedWeight, parts: dict[str, torch.Tensor], updates: tuple[Update, ...]) -> LoraMergeError:
+    """The error for NaN/Inf in a dequantized or merged quantized weight: the base's fault or the adapter's."""
+    if not all_finite(weight_format(weight.format).dequantize(weight, parts)):
+        stored = [ref.entry.name for role, ref in weight.parts.items() if role != weight.primary]
+        files = ", ".join(dict.fromkeys(ref.file for ref in weight.parts.values()))
         return CheckpointFormatError(
-            f"{name} holds NaN/Inf after dequantizing with {weight.scales.entry.name} ({weight.codes.file}, "
-            f"{weight.scales.file}): the base checkpoint is damaged"
+            f"{weight.name} holds NaN/Inf after dequantizing with {', '.join(stored)} ({files}): the base checkpoint "
+            "is damaged"
         )
-    return _adapter_broke(name, updates, "float32")
+    return _adapter_broke(weight.name, updates, "float32")
 
 
-def _check_survival(job: MergeJob, shard: ShardPlan, survival: DeltaSurvival) -> None:
-    threshold = job.fp8_min_cosine
+def _check_survival(job: MergeJob, shard: ShardPlan, survival: DeltaSurvival, label: str) -> None:
+    threshold = job.min_delta_cosine
     if threshold is not None and survival.cosine < threshold:
         raise LoraMergeError(
-            f"{shard.file}: {survival.tensor} re-quantized to FP8 keeps too little of the adapter's change (cosine "
-            f"{survival.cosine:.3f} of realised vs intended ΔW, below --fp8-min-cosine {threshold}; relative error "
+            f"{shard.file}: {survival.tensor} re-quantized to {label} keeps too little of the adapter's change (cosine "
+            f"{survival.cosine:.3f} of realised vs intended ΔW, below --min-delta-cosine {threshold}; relative error "
             f"{survival.relative_error:.2f}); merge with --output-dtype bf16 to keep the whole delta, or lower the "
             "threshold"
         )
@@ -450,11 +447,12 @@ def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, str, int
                 yield from _chunks(tensor.source.file, begin, end)
 
 
-def _companion(tensor: PlannedTensor | None) -> TensorRef | None:
-    """The other half of an FP8 weight that computing `tensor` needs: the scales of codes, the codes of scales."""
-    if tensor is None or tensor.fp8 is None:
-        return None
-    return tensor.fp8.weight.codes if tensor.fp8.write == "scales" else tensor.fp8.weight.scales
+def _others(tensor: PlannedTensor | None) -> list[tuple[str, TensorRef]]:
+    """The other stored parts of a quantized weight that computing `tensor` needs, by role."""
+    if tensor is None or tensor.quantized is None:
+        return []
+    role = tensor.quantized
+    return [(r, ref) for r, ref in role.weight.parts.items() if r != role.role]
 
 
 def _chunks(file: str, begin: int, end: int) -> Iterator[tuple[None, str, int, int]]:
@@ -480,8 +478,8 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
         nonlocal in_flight
         try:
             for tensor, file, begin, end in _segments(shard):
-                companion = _companion(tensor)
-                size = end - begin + (companion.entry.nbytes if companion else 0)
+                others = _others(tensor)
+                size = end - begin + sum(ref.entry.nbytes for _, ref in others)
                 with changed:
                     changed.wait_for(functools.partial(may_read, size))
                     if stop.is_set():
@@ -490,10 +488,12 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
                 data = pool.take(end - begin)
                 job.base.read_into(file, begin, data)
                 extra = None
-                if companion is not None:
-                    extra = pool.take(companion.entry.nbytes)
-                    job.base.read_into(companion.file, companion.span[0], extra)
-                items.put(_Segment(tensor=tensor, data=data, size=size, companion=extra))
+                if others:
+                    extra = {}
+                    for role, ref in others:
+                        extra[role] = pool.take(ref.entry.nbytes)
+                        job.base.read_into(ref.file, ref.span[0], extra[role])
+                items.put(_Segment(tensor=tensor, data=data, size=size, others=extra))
             items.put(None)
         except BaseException as exc:  # handed to the consumer, which raises it in the task's own thread
             items.put(exc)

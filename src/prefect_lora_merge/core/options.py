@@ -38,17 +38,19 @@ class MergeParameters(BaseModel):
         "then for the output's lease. The deployment's trigger and schedule set it.",
     )
     break_lock: bool = Field(False, description="Take the output's lease even if another run seems to hold it.")
-    output_dtype: Literal["auto", "bf16", "fp8"] = Field(
+    output_dtype: Literal["auto", "bf16", "keep", "fp8"] = Field(
         "auto",
-        description="For an FP8 block-quantized base: bf16 (what auto means there) dequantizes every FP8 weight; "
-        "fp8 keeps untouched ones as they are and re-quantizes touched ones. Other bases keep every dtype.",
+        description="For a quantized base (block-FP8, compressed-tensors INT4, MXFP4): bf16 (what auto means there) "
+        "dequantizes every quantized weight and drops the quantization config; keep leaves untouched quantized "
+        "weights byte for byte and re-quantizes touched ones in the base's format with fresh scales (fp8 is its "
+        "older name, for block-FP8). Other bases keep every dtype.",
     )
-    fp8_min_cosine: float | None = Field(
+    min_delta_cosine: float | None = Field(
         None,
         ge=-1.0,
         le=1.0,
         allow_inf_nan=False,
-        description="With output_dtype fp8: fail a shard whose re-quantized weight keeps less of its intended "
+        description="With output_dtype keep: fail a shard whose re-quantized weight keeps less of its intended "
         "change than this cosine (realised vs intended ΔW).",
     )
     runner: Literal["threads", "dask"] = Field(

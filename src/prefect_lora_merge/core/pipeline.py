@@ -37,7 +37,7 @@ def merge_checkpoint(
     overwrite: bool = False,
     break_lock: bool = False,
     output_dtype: OutputDtype = "auto",
-    fp8_min_cosine: float | None = None,
+    min_delta_cosine: float | None = None,
     max_memory: int | str | None = None,
 ) -> MergeResult:
     """The whole merge in this process, one shard after another (the Prefect flow runs shards in parallel)."""
@@ -49,7 +49,7 @@ def merge_checkpoint(
         device=device,
         storage_options=storage_options,
         output_dtype=output_dtype,
-        fp8_min_cosine=fp8_min_cosine,
+        min_delta_cosine=min_delta_cosine,
     )
     threads = choose_parallelism(plan.estimated_peak_bytes, 1, workers=1, max_memory=budget).threads
     resolve_device(plan.job.device)  # a device this machine lacks is refused before the lease writes anything

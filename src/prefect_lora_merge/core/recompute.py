@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
-from .formats.block_fp8 import grid_span, quantize
+from .formats import weight_format
 from .lora_math import all_finite, delta_weight, dora_rescale, expert_factors, lora_factors
 from .plan import TILED_FORMS, MergePlan, PlannedTensor, ShardPlan, Update
 from .safetensors_format import DTYPES, ShardHeader, TensorEntry, torch_dtype
@@ -79,7 +79,7 @@ def check_numbers(
         found, problems, computed = [], [], 0
         written = header.by_name()
         for tensor in shard.tensors:
-            if not tensor.computed or tensor.fp8 is not None and tensor.fp8.write in ("scales", "dropped"):
+            if not tensor.computed or not _checked_as_a_weight(tensor):
                 continue
             computed += 1
             checker = _TensorCheck(plan, shard, tensor, written, headers, fetch)
@@ -119,9 +119,10 @@ def check_non_finite(
         if shard is None or tensor is None or file not in headers:
             continue  # the structure checks name it
         checks["NaN/Inf tensors compared with the base"] = checks.get("NaN/Inf tensors compared with the base", 0) + 1
-        if tensor.fp8 is not None and tensor.fp8.write == "scales":
+        if not _checked_as_a_weight(tensor):
             failures.append(
-                f"{file}: {name} holds {count} NaN/Inf value(s): a scale grid the merge computed must be finite"
+                f"{file}: {name} holds {count} NaN/Inf value(s): a quantized weight's {tensor.quantized.role} that "
+                "the merge computed must be finite"
             )
             continue
         problem = _new_non_finite(plan, shard, tensor, headers)
@@ -141,7 +142,7 @@ def _new_non_finite(
     checker = _TensorCheck(plan, shard, tensor, headers[shard.file].by_name(), headers, no_adapter)
     if checker.entry is None or checker.entry.shape != tensor.shape or checker.entry.dtype != tensor.dtype:
         return None  # the structure checks name it
-    align = tensor.fp8.weight.block[0] if checker.requantized else 1
+    align = checker.align
     step = align * max(1, FULL_RUN_VALUES // (checker.cols * align))
     new, first = 0, ""
     try:
@@ -181,27 +182,31 @@ class _TensorCheck:
         self.plan, self.shard, self.tensor, self.fetch = plan, shard, tensor, fetch
         self.entry = written.get(tensor.name)
         self.headers = headers
-        self.out_rows, self.cols = _as_rows(tensor.shape)
-        self.requantized = tensor.fp8 is not None and tensor.fp8.write == "codes"
+        self.weight = tensor.quantized.weight if tensor.quantized is not None else None
+        self.format = weight_format(self.weight.format) if self.weight is not None else None
+        # The logical weight's shape: what the updates apply to (a re-quantized part stores packed codes).
+        self.shape = self.weight.shape if self.weight is not None else tensor.shape
+        self.out_rows, self.cols = _as_rows(self.shape)
+        self.requantized = tensor.quantized is not None and tensor.quantized.write == "requantized"
+        # A re-quantized weight is checked in whole runs of rows that share scales: its scales come from them.
+        self.align = self.format.row_alignment(self.weight) if self.requantized else 1
 
     def run(self, problems: list[str]) -> TensorNumbers | None:
         tensor = self.tensor
         if self.entry is None or self.entry.shape != tensor.shape or self.entry.dtype != tensor.dtype:
             return None  # structure checks already name it
-        # A re-quantized weight is checked in whole blocks: its scales come from whole blocks.
-        align = tensor.fp8.weight.block[0] if self.requantized else 1
         whole = self.out_rows * self.cols <= ALL_ROWS_UP_TO or not _row_local(tensor)
-        runs = [slice(0, self.out_rows)] if whole else _sample_runs(tensor.name, self.out_rows, self.cols, align)
+        runs = [slice(0, self.out_rows)] if whole else _sample_runs(tensor.name, self.out_rows, self.cols, self.align)
         checked, flips, base_sq, change_sq = 0, 0, 0.0, 0.0
         for rows in runs:
             try:
                 base = self._base_rows(rows)
                 expected, products = self._expected_rows(base, rows)
-                stored, got, scale = self._output_rows(rows)
+                stored, got, rounding = self._output_rows(rows)
             except (_Unreadable, LoraMergeError) as exc:
                 problems.append(f"{self.shard.file}: {tensor.name}: {exc}")
                 return None
-            flips += self._compare(rows, stored, got, expected, base, products, scale, problems)
+            flips += self._compare(rows, stored, got, expected, base, products, rounding, problems)
             checked += got.numel()
             if base is not None and tensor.updates:
                 both = _non_finite_mask(got, base)  # NaN/Inf left out of the norms (check_non_finite judges them)
@@ -219,43 +224,47 @@ class _TensorCheck:
     # -- reading -----------------------------------------------------------------------------------------------
 
     def _base_rows(self, rows: slice) -> torch.Tensor | None:
-        """float64 base values of these rows (FP8 dequantized), or None where the base has no such rows."""
+        """float64 base values of these rows (a quantized weight decoded), or None where the base has no such
+        rows."""
         tensor = self.tensor
-        if tensor.fp8 is not None:
-            weight = tensor.fp8.weight
-            codes = _read_rows(self.plan.job.base, weight.codes.file, weight.codes.data_start, weight.codes.entry, rows)
-            return _dequantized(codes, self._scales(self.plan.job.base, rows), weight.block, rows)
+        if self.weight is not None:
+            assert self.format is not None
+            return self.format.decode(self.weight, self._parts_rows(self.plan.job.base, rows), rows)
         base_rows, _ = _as_rows(tensor.base.shape)
         if rows.stop > base_rows:  # a resized embedding's new rows: the adapter replaces the whole tensor
             return None
         ref = self.shard.base_ref(tensor)  # an added tensor (an untied head) starts from another's bytes
         return _read_rows(self.plan.job.base, ref.file, ref.data_start, ref.entry, rows).to(torch.float64)
 
-    def _scales(self, location: Location, rows: slice) -> torch.Tensor:
-        """The scale-grid rows covering these weight rows, from the base or from the output."""
-        assert self.tensor.fp8 is not None
-        scales = self.tensor.fp8.weight.scales
-        grid = grid_span(rows, self.tensor.fp8.weight.block[0])
-        if location is self.plan.job.base:
-            return _read_rows(location, scales.file, scales.data_start, scales.entry, grid)
-        header = self.headers.get(scales.file)
-        entry = header.by_name().get(scales.entry.name) if header else None
-        if header is None or entry is None:
-            raise _Unreadable(f"its scale grid {scales.entry.name} is missing from {scales.file}")
-        return _read_rows(location, scales.file, header.data_start, entry, grid)
+    def _parts_rows(self, location: Location, rows: slice) -> dict[str, torch.Tensor]:
+        """The rows of every stored part of the quantized weight that hold these rows, from the base or the
+        output (where each part is in its own shard's output file)."""
+        assert self.weight is not None and self.format is not None
+        parts = {}
+        for role, ref in self.weight.parts.items():
+            span = self.format.part_rows(self.weight, role, rows)
+            if location is self.plan.job.base:
+                parts[role] = _read_rows(location, ref.file, ref.data_start, ref.entry, span)
+                continue
+            header = self.headers.get(ref.file)
+            entry = header.by_name().get(ref.entry.name) if header else None
+            if header is None or entry is None:
+                raise _Unreadable(f"its {role} {ref.entry.name} is missing from {ref.file}")
+            parts[role] = _read_rows(location, ref.file, header.data_start, entry, span)
+        return parts
 
-    def _output_rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """These rows as the output stores them, their float64 values, and for a re-quantized weight the scale of
-        each value (its codes are decoded with the output's own scales)."""
+    def _output_rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, tuple[float, torch.Tensor] | None]:
+        """These rows as the output stores them, their float64 values, and for a re-quantized weight the bound of
+        one rounding to its format (its codes are decoded with the output's own scales)."""
         assert self.entry is not None
-        header = self.headers[self.shard.file]
-        stored = _read_rows(self.plan.job.output, self.shard.file, header.data_start, self.entry, rows)
         if not self.requantized:
+            header = self.headers[self.shard.file]
+            stored = _read_rows(self.plan.job.output, self.shard.file, header.data_start, self.entry, rows)
             return stored, stored.to(torch.float64), None
-        assert self.tensor.fp8 is not None
-        block = self.tensor.fp8.weight.block
-        scale = _expanded(self._scales(self.plan.job.output, rows), block, rows, stored.shape[1])
-        return stored, stored.to(torch.float64) * scale, scale
+        assert self.weight is not None and self.format is not None
+        parts = self._parts_rows(self.plan.job.output, rows)
+        got = self.format.decode(self.weight, parts, rows)
+        return parts[self.weight.primary], got, self.format.rounding(self.weight, parts, rows)
 
     # -- arithmetic --------------------------------------------------------------------------------------------
 
@@ -267,14 +276,14 @@ class _TensorCheck:
         products = torch.zeros(()) if base is None else torch.zeros_like(base)
         compute_eps = torch.finfo(torch.float64 if self.tensor.dtype == "F64" else torch.float32).eps
         for update in self.tensor.updates:
-            weight, factor = _apply_rows(update, weight, rows, self.tensor.shape, self.fetch)
+            weight, factor = _apply_rows(update, weight, rows, self.shape, self.fetch)
             if update.kind == "replace":
                 products = torch.zeros_like(weight)
             elif update.kind == "delta":
-                size = _delta_rows(update, rows, self.tensor.shape, lambda key: self.fetch(key).abs()).abs()
+                size = _delta_rows(update, rows, self.shape, lambda key: self.fetch(key).abs()).abs()
                 products = (products + size * ((update.rank or 1) + 2) * compute_eps) * factor
                 if update.magnitude:  # DoRA's norm: a float32 sum over each norm's values, a root, a division
-                    per_norm = math.prod(self.tensor.shape) / max(1, self.fetch(update.magnitude).numel())
+                    per_norm = math.prod(self.shape) / max(1, self.fetch(update.magnitude).numel())
                     products = products + weight.abs() * compute_eps * (math.log2(max(per_norm, 1)) + 4)
         assert weight is not None, f"{self.tensor.name}: rows beyond the base and no replacement"
         return weight, products
@@ -287,23 +296,26 @@ class _TensorCheck:
         expected: torch.Tensor,
         base: torch.Tensor | None,
         products: torch.Tensor,
-        scale: torch.Tensor | None,
+        rounding: tuple[float, torch.Tensor] | None,
         problems: list[str],
     ) -> int:
         """Name the values beyond the rounding bound; return how many differ from the expected value rounded."""
         tensor, where = self.tensor, f"{self.shard.file}: {self.tensor.name} rows {rows.start}–{rows.stop - 1}"
-        fp8 = tensor.fp8 if self.requantized else None
         operands = expected.abs() if base is None else base.abs() + (expected - base).abs()
-        if fp8 is not None:  # e4m3 keeps 3 mantissa bits: half a step is 2^-4 of the value, a subnormal step 2^-9
-            assert scale is not None
-            bound = operands * 2.0**-3 + scale * 2.0**-9 + products
+        if rounding is not None:
+            assert self.weight is not None and self.format is not None
+            relative, absolute = rounding
+            bound = operands * relative + absolute + products
             # codes, not values: a scale a last bit apart (float32 vs float64 block maxima) moves every value
-            rounded, _ = quantize(expected.to(torch.float32), fp8.weight.block, ue8m0=fp8.weight.ue8m0)
+            values = expected.to(torch.float32).reshape(-1, *self.shape[1:])
+            rounded = self.format.quantize(self.weight, values)[self.weight.primary].reshape(stored.shape)
+            limit = self.format.label
         else:
             dtype = torch_dtype(tensor.dtype)
             info = torch.finfo(dtype)
             bound = operands * info.eps + info.tiny + products
             rounded = expected.to(dtype) if info.bits < 32 else None
+            limit = tensor.dtype
         # NaN/Inf are judged by `check_non_finite`, on every value of the tensor against the base's: left out here.
         finite = _non_finite_mask(got)
         excess = (got - expected).abs() - bound
@@ -314,7 +326,7 @@ class _TensorCheck:
             row, col = divmod(worst, got.shape[1])
             problems.append(
                 f"{where}: {int((excess > 0).sum())} value(s) differ from base + adapter recomputed in float64 by "
-                f"more than {tensor.dtype if fp8 is None else 'FP8'}'s rounding (worst at row {rows.start + row}, "
+                f"more than {limit}'s rounding (worst at row {rows.start + row}, "
                 f"column {col}: {float(got[row, col]):.6g}, expected {float(expected[row, col]):.6g})"
             )
         differ = None if rounded is None else _bits(stored) != _bits(rounded)
@@ -396,6 +408,13 @@ def _delta_rows(update: Update, rows: slice, shape: tuple[int, ...], fetch: Fetc
     return delta_weight(update, fetch).reshape(-1, cols)[rows]  # conv, bias: small
 
 
+def _checked_as_a_weight(tensor: PlannedTensor) -> bool:
+    """Whether validation recomputes this tensor's values: not a dropped part of a quantized weight, nor a
+    re-quantized part other than the one that carries the weight (its primary: checked with all its parts)."""
+    role = tensor.quantized
+    return role is None or (not tensor.dropped and role.role == role.weight.primary)
+
+
 def _row_local(tensor: PlannedTensor) -> bool:
     """Whether sampled rows can be recomputed alone (DoRA other than on a linear weight needs every row)."""
     return all(not u.magnitude or u.form == "linear" for u in tensor.updates)
@@ -434,18 +453,6 @@ def _read_rows(location: Location, file: str, data_start: int, entry: TensorEntr
     if len(data) != (rows.stop - rows.start) * row_bytes:
         raise _Unreadable(f"{file}: {entry.name} is cut short")
     return torch.frombuffer(bytearray(data), dtype=torch_dtype(entry.dtype)).reshape(-1, cols)
-
-
-def _expanded(grid: torch.Tensor, block: tuple[int, int], rows: slice, cols: int) -> torch.Tensor:
-    """Each value's scale, for weight rows `rows` from the grid rows `grid_span(rows)`: textbook, unblocked."""
-    offset = rows.start % block[0]
-    full = grid.to(torch.float64).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return full[offset : offset + rows.stop - rows.start, :cols]
-
-
-def _dequantized(codes: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], rows: slice) -> torch.Tensor:
-    """float64 values of FP8 weight rows with the scale-grid rows that cover them."""
-    return codes.to(torch.float64) * _expanded(grid, block, rows, codes.shape[1])
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:

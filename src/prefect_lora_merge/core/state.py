@@ -44,7 +44,7 @@ class ShardRecord(BaseModel):
     tensors: int
     touched: list[str]
     applied: list[str]  # adapter keys, once per application
-    fp8_deltas: list[DeltaSurvival] = []  # per re-quantized FP8 weight: how much of its delta survived
+    delta_survivals: list[DeltaSurvival] = []  # per re-quantized weight: how much of its delta survived
 
 
 class ShardReceipt(ShardRecord):

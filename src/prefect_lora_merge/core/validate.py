@@ -294,8 +294,8 @@ def _check_against_plan(
             if tensor.dropped:
                 if entry is not None:
                     failures.append(
-                        f"{shard.file}: tensor {tensor.name!r} is a scale grid of a weight written in bf16 and should "
-                        "not be in the output"
+                        f"{shard.file}: tensor {tensor.name!r} is a part of a quantized weight written in bf16 and "
+                        "should not be in the output"
                     )
                 continue
             if entry is None:

@@ -122,3 +122,18 @@ class WeightFormat(Protocol):
         """(relative, absolute): one rounding to this format with these parts' scales moves a value `v` by at most
         `relative · |v| + absolute` (absolute per value, float64, shaped like `decode`'s result)."""
         ...
+
+
+def quantization_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(dotted key, value) of config.json's quantization_config, at the top or in `text_config` (multimodal
+    checkpoints keep it there), or None."""
+    for path, scope in (("", config), ("text_config.", config.get("text_config"))):
+        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict):
+            return f"{path}quantization_config", scope["quantization_config"]
+    return None
+
+
+def listed(problems: list[str], limit: int = 5) -> str:
+    """Problems for one message: the first `limit`, and how many more."""
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more

@@ -12,10 +12,14 @@ scale, merge, encode, compare) then run in cache instead of streaming full-size 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from ..errors import CheckpointFormatError
+from ..lora_math import all_finite
 from ..tiling import TileMerge, tiles
+from .base import NonFiniteValues, QuantizedWeight, TensorRef, listed, quantization_config
 from .survival import DeltaSurvival, SurvivalSums
 
 E4M3_MAX = 448.0
@@ -155,3 +159,125 @@ def _next_power_of_two(x: torch.Tensor) -> torch.Tensor:
     mantissa, exponent = torch.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
     exponent = exponent - (mantissa == 0.5).to(exponent.dtype)
     return torch.ldexp(torch.ones_like(x), exponent)
+
+
+# -- the format ----------------------------------------------------------------------------------------------------
+
+
+class BlockFp8:
+    """Block-FP8 (DeepSeek-V3/R1/V3.1, Kimi-K2-Instruct): parts `codes` (the weight's own name, F8_E4M3) and
+    `scales` (`<weight>_scale_inv`, F32 grid); params `block` [rows, cols] and `ue8m0` (power-of-two scales)."""
+
+    key = "block-fp8"
+    label = "block-FP8"
+    work_copies = 4  # base tile, merged tile, codes decoded again, their difference: whole tensors on CUDA
+
+    def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
+        """Every FP8 block-quantized weight, recognised by its format (e4m3 codes with a float32 `weight_scale_inv`
+        companion, wherever the index stores it, and a `weight_block_size`), not by model type."""
+        codes = sorted(name for name, ref in refs.items() if ref.entry.dtype.startswith("F8_"))
+        if not codes:
+            return {}
+        found = quantization_config(config)
+        quant = found[1] if found else {}
+        block = quant.get("weight_block_size")
+        config_file = f"{where}/config.json"
+        valid_block = isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+        if not valid_block and not any(f"{name}_scale_inv" in refs for name in codes):
+            return {}  # FP8 tensors of another scheme (or none): copied as bytes; an adapter update on them is refused
+        if not valid_block:
+            raise CheckpointFormatError(
+                f"{codes[0]} and {len(codes) - 1} other tensor(s) are FP8, but {config_file} has no "
+                "quantization_config with a weight_block_size [rows, cols]: only block-quantized FP8 checkpoints "
+                "(DeepSeek-V3/R1, Kimi-K2) can be merged; dequantize other FP8 formats first"
+            )
+        scale_fmt = quant.get("scale_fmt")
+        if scale_fmt not in (None, "ue8m0", "float", "fp32"):
+            raise CheckpointFormatError(f"{config_file}: quantization_config.scale_fmt {scale_fmt!r} is not supported")
+        grid = tuple(block)
+        problems: list[str] = []
+        weights: dict[str, QuantizedWeight] = {}
+        for name in codes:
+            ref = refs[name]
+            scale = refs.get(f"{name}_scale_inv")
+            if ref.entry.dtype != "F8_E4M3":
+                problems.append(f"{name} ({ref.file}) is {ref.entry.dtype}; block-quantized weights are F8_E4M3")
+            elif not name.endswith(".weight") or scale is None:
+                problems.append(
+                    f"{name} ({ref.file}) is F8_E4M3 without a {name}_scale_inv companion anywhere in the base"
+                )
+            elif len(ref.entry.shape) != 2:
+                problems.append(f"{name} ({ref.file}) is FP8 with shape {list(ref.entry.shape)}; block scales need 2-D")
+            elif scale.entry.dtype != "F32" or scale.entry.shape != scale_grid_shape(ref.entry.shape, grid):
+                expected = list(scale_grid_shape(ref.entry.shape, grid))
+                problems.append(
+                    f"{scale.entry.name} ({scale.file}) is {scale.entry.dtype} {list(scale.entry.shape)}; a "
+                    f"{list(ref.entry.shape)} weight with {block} blocks needs F32 {expected}"
+                )
+            else:
+                weights[name] = QuantizedWeight(
+                    format=self.key,
+                    name=name,
+                    shape=ref.entry.shape,
+                    parts={"codes": ref, "scales": scale},
+                    primary="codes",
+                    params={"block": grid, "ue8m0": scale_fmt == "ue8m0"},
+                )
+        if problems:
+            raise CheckpointFormatError(f"{where} is not a block-FP8 checkpoint this tool can read: {listed(problems)}")
+        return weights
+
+    def dequantize(
+        self,
+        weight: QuantizedWeight,
+        parts: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        merge: TileMerge | None = None,
+    ) -> torch.Tensor:
+        return dequantize(parts["codes"], parts["scales"], _block(weight), dtype, merge)
+
+    def quantize(self, weight: QuantizedWeight, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, scales = quantize(values, _block(weight), ue8m0=weight.params["ue8m0"])
+        return {"codes": codes, "scales": scales}
+
+    def requantize(
+        self, weight: QuantizedWeight, parts: dict[str, torch.Tensor], merge: TileMerge
+    ) -> tuple[dict[str, torch.Tensor], DeltaSurvival]:
+        codes, scales, survival = requantize(
+            parts["codes"], parts["scales"], _block(weight), merge, ue8m0=weight.params["ue8m0"], tensor=weight.name
+        )
+        if not all_finite(scales):  # any NaN/Inf in a block ends up in its scale
+            raise NonFiniteValues(weight.name)
+        return {"codes": codes, "scales": scales}, survival
+
+    def row_alignment(self, weight: QuantizedWeight) -> int:
+        return _block(weight)[0]
+
+    def part_rows(self, weight: QuantizedWeight, role: str, rows: slice) -> slice:
+        return rows if role == "codes" else grid_span(rows, _block(weight)[0])
+
+    def decode(self, weight: QuantizedWeight, parts: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """Textbook: each code times its block's scale, the grid expanded to the weight's size, in float64."""
+        codes = parts["codes"]
+        return codes.to(torch.float64) * _expanded(parts["scales"], _block(weight), rows, codes.shape[1])
+
+    def rounding(
+        self, weight: QuantizedWeight, parts: dict[str, torch.Tensor], rows: slice
+    ) -> tuple[float, torch.Tensor]:
+        """e4m3 keeps 3 mantissa bits: half a step is 2^-4 of a value (2^-3 here, for the block maxima computed
+        in float32), a subnormal step 2^-9 of the scale."""
+        codes = parts["codes"]
+        return 2.0**-3, _expanded(parts["scales"], _block(weight), rows, codes.shape[1]) * 2.0**-9
+
+
+def _block(weight: QuantizedWeight) -> tuple[int, int]:
+    rows, cols = weight.params["block"]
+    return rows, cols
+
+
+def _expanded(grid: torch.Tensor, block: tuple[int, int], rows: slice, cols: int) -> torch.Tensor:
+    """Each value's scale, for weight rows `rows` from the grid rows `grid_span(rows)`: textbook, unblocked."""
+    offset = rows.start % block[0]
+    full = grid.to(torch.float64).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[offset : offset + rows.stop - rows.start, :cols]

@@ -5,7 +5,8 @@ tensors (scales, code books, shapes), often under other names than the weight's:
 `q_proj.weight.absmax`, `experts.gate_up_proj` as `gate_up_proj_blocks` / `gate_up_proj_scales`, `q_proj.weight` as
 `q_proj.weight_packed`. A LoRA delta cannot be added to those bytes. Planning refuses a merge that touches one by
 naming the format, instead of reporting a packed tensor's shape as a mismatch; quantized weights the adapter does
-not touch are copied byte for byte like any other tensor. (Block-FP8 bases, which the tool merges, are `fp8.py`.)
+not touch are copied byte for byte like any other tensor. (The formats the tool merges into are the other modules
+here, listed in `formats.FORMATS`.)
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UnsupportedBaseError
-from .safetensors_format import FLOAT_DTYPES, TensorEntry
+from ..errors import UnsupportedBaseError
+from ..safetensors_format import FLOAT_DTYPES, TensorEntry
+from .base import quantization_config
 
 # (stored tensor name pattern, the weight's name as modules see it, the format) for formats whose companion tensors
 # say what they are. Each `weight` group is what an adapter targets.
@@ -103,11 +105,9 @@ def find_quantized(
 
 def _declared_scheme(config: dict[str, Any]) -> tuple[str | None, str | None]:
     """(quant_method, a readable name of the scheme) from config.json's quantization_config, if any."""
-    for scope in (config, config.get("text_config")):
-        quant = scope.get("quantization_config") if isinstance(scope, dict) else None
-        if isinstance(quant, dict) and quant.get("quant_method"):
-            break
-    else:
+    found = quantization_config(config)
+    quant = found[1] if found else {}
+    if not quant.get("quant_method"):
         return None, None
     method = str(quant["quant_method"])
     if method == "bitsandbytes":

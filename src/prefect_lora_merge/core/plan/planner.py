@@ -1,0 +1,125 @@
+"""Planning a merge: base discovery, the quantized format, name resolution and update planning, put together into
+the one `MergePlan` every later step works from. Planning reads only headers, the index, config.json and the
+adapter's config and header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..adapter import load_adapter_index
+from ..fingerprint import merge_fingerprint
+from ..formats.unsupported import find_quantized
+from ..storage import Location, refuse_output_inside_inputs
+from .discovery import base_layout, check_index, is_extra_file, parse_config, read_headers
+from .model import MergeJob, MergePlan, PlannedTensor, ShardPlan
+from .names import NameResolver
+from .quantized import (
+    OutputDtype,
+    find_quantized_weights,
+    mode_decision,
+    output_mode,
+    quantization_config_keys,
+    quantized_roles,
+    resolver_entries,
+)
+from .updates import plan_updates, replaced_shape, untied_head
+
+
+def make_plan(
+    base: str | Location,
+    adapter: str | Location,
+    output: str | Location,
+    *,
+    device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
+    output_dtype: OutputDtype = "auto",
+    min_delta_cosine: float | None = None,
+) -> MergePlan:
+    """Plan a merge. `output_dtype` matters only for a quantized base (block-FP8, INT4, MXFP4): `auto` (= `bf16`
+    there) writes every quantized weight dequantized to bf16; `keep` (`fp8`, its older name) keeps untouched
+    quantized weights as they are and re-quantizes touched ones in the base's format."""
+    base_loc = base if isinstance(base, Location) else Location.parse(base, storage_options, what="--base")
+    adapter_loc = (
+        adapter if isinstance(adapter, Location) else Location.parse(adapter, storage_options, what="--adapter")
+    )
+    output_loc = output if isinstance(output, Location) else Location.parse(output, storage_options, what="--output")
+    refuse_output_inside_inputs(output_loc, base=base_loc, adapter=adapter_loc)
+
+    files, weight_map, index_metadata, has_index = base_layout(base_loc)
+    headers, versions = read_headers(base_loc, files)
+    check_index(base_loc, headers, weight_map)
+    config_bytes = base_loc.read_bytes("config.json") if base_loc.exists("config.json") else None
+    config = parse_config(base_loc, config_bytes)
+    adapter_index = load_adapter_index(adapter_loc)
+
+    catalog = {t.name: t for h in headers for t in h.tensors}
+    fmt, weights = find_quantized_weights(base_loc.uri, config, headers)
+    mode = output_mode(output_dtype, fmt, base_loc.uri)
+    # An adapter targets a quantized weight by its own name: resolution sees it in place of its stored parts.
+    parts = {name for w in weights.values() for name in w.stored_names}
+    visible = {n: e for n, e in catalog.items() if n not in parts}
+    resolver = NameResolver({**visible, **resolver_entries(weights)}, config)
+    unsupported = find_quantized(base_loc.uri, config, catalog, supported=parts)
+    updates, usage, config_updates = plan_updates(adapter_index, resolver, config, set(weights), unsupported)
+    roles = quantized_roles(weights, updates, mode)
+    config_removals = quantization_config_keys(config) if fmt is not None and mode == "bf16" else ()
+    if fmt is not None:
+        resolver.decisions.append(mode_decision(fmt, weights, updates, mode))
+
+    shards = []
+    for header in headers:
+        planned = []
+        for entry in header.tensors:
+            role = roles.get(entry.name)
+            if role is None:
+                tensor_updates = tuple(updates.get(entry.name, ()))
+                shape = replaced_shape(tensor_updates, adapter_index) or entry.shape
+            else:  # a quantized weight's updates are carried by its primary part, the others only compute with them
+                primary = role.role == role.weight.primary
+                tensor_updates = tuple(updates.get(role.weight.name, ())) if primary else ()
+                dequantized = role.write == "dequantized"
+                shape = role.weight.shape if dequantized else entry.shape
+            planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates, quantized=role))
+        if resolver.untied is not None and resolver.untied[0] in header.by_name():
+            planned.append(untied_head(header, *resolver.untied, updates, adapter_index))
+        shards.append(
+            ShardPlan(
+                file=header.file,
+                base_size=header.file_size,
+                base_header_bytes=header.header_bytes,
+                metadata=header.metadata,
+                tensors=tuple(planned),
+            )
+        )
+    base_files = set(base_loc.list_files())
+    extra = tuple(sorted(f for f in base_files if is_extra_file(f)))
+    job = MergeJob(
+        base=base_loc,
+        base_versions=versions,
+        adapter=adapter_index,
+        output=output_loc,
+        device=device,
+        min_delta_cosine=min_delta_cosine,
+        fingerprint=merge_fingerprint(
+            base_headers=headers,
+            base_versions=versions,
+            base_config=config_bytes,
+            adapter=adapter_index,
+            output_dtype=mode,
+        ),
+    )
+    return MergePlan(
+        job=job,
+        shards=tuple(shards),
+        base_has_index=has_index,
+        index_metadata=index_metadata,
+        extra_files=extra,
+        config_updates=config_updates,
+        config_removals=config_removals,
+        output_dtype=mode,
+        quantized_format=fmt.label if fmt is not None else None,
+        decisions=tuple(resolver.decisions),
+        adapter_usage=usage,
+    )
+
+
