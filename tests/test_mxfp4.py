@@ -116,6 +116,7 @@ def test_quantize_writes_the_bytes_of_the_round_up_reference_rule(size):
     values = size * torch.randn(3, 96, 200)
     values[0, :32, 0] = 0.0  # an all-zero block: scale byte 0
     values[0, :32, 1] = -0.0  # signed zeros keep their sign (code 8)
+    values[2, :32, 3] = torch.tensor([1e-38, -3e-40] * 16)  # amax / 6 below 2^-126: the scale stays 2^-126
     # Every tie (to the even code), and a 0.5 (see the next-but-four test for blocks without a ±0.5 or ±1.5).
     values[1, :32, 2] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 3 + [0.5] * 8)
     blocks, scales = quantize(values)
@@ -123,6 +124,7 @@ def test_quantize_writes_the_bytes_of_the_round_up_reference_rule(size):
     assert torch.equal(scales, expected_scales)
     assert torch.equal(blocks, expected_blocks)
     assert scales[0, 0, 0] == 0 and blocks[0, 1, 0].tolist() == [0x88] * 16
+    assert scales[2, 3, 0] == 1
 
 
 def test_tiles_give_the_bytes_of_whole_experts(monkeypatch):

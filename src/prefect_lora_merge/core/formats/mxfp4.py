@@ -199,15 +199,19 @@ def _encoded(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exponent = _round_up_exponent(amax / E2M1_MAX)  # the scale byte: 0 for an all-zero block
     inverse = _inverse_table(values.device)[exponent.to(torch.int64)]
     magnitude = grouped.abs().mul_(inverse[:, :, None, :])  # exact: a power of two, at most 6
-    codes = (magnitude > _MIDPOINTS[0][0]).to(torch.uint8)
-    for midpoint, tie_up in _MIDPOINTS[1:]:
-        codes += magnitude >= midpoint if tie_up else magnitude > midpoint
+    codes = _passed(magnitude, *_MIDPOINTS[0]).to(torch.uint8)
+    for midpoint in _MIDPOINTS[1:]:
+        codes += _passed(magnitude, *midpoint)
     del magnitude
     exponent = _canonical(codes, exponent)
     codes |= torch.signbit(grouped).to(torch.uint8) << 3
     pairs = codes.view(n, groups, BYTES, 2, rows)
     packed = pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)  # [n, G, 16, R]
     return packed.permute(0, 3, 1, 2).contiguous(), exponent.permute(0, 2, 1).contiguous()
+
+
+def _passed(magnitude: torch.Tensor, midpoint: float, tie_up: bool) -> torch.Tensor:
+    return magnitude >= midpoint if tie_up else magnitude > midpoint
 
 
 def _round_up_exponent(ratio: torch.Tensor) -> torch.Tensor:
