@@ -47,7 +47,7 @@ from .survival import DeltaSurvival, SurvivalSums
 
 BLOCK = 32  # values per scale
 BYTES = BLOCK // 2  # packed bytes per block
-SCALE_BIAS = 127  # E8M0: 2^(s - 127); 255 is NaN in the OCP spec (transformers reads it as 2^128 = inf)
+SCALE_BIAS = 127  # E8M0: 2^(s - 127); 255 is NaN in the OCP spec, transformers reads it as 2^128 (ldexp)
 E2M1_MAX = 6.0
 # The e2m1 values of codes 0..15 (bit 3 the sign), as the OCP MX spec and transformers' FP4_VALUES list them.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -95,6 +95,7 @@ def dequantize(
 def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks [E, out, G, 16], scales [E, out, G]) for float32 `values` [E, in, out] (see the module docstring for
     the rule). Raises NonFiniteValues for NaN/Inf (they would end up in a block's scale)."""
+    values = values.float()
     experts, inputs, rows = values.shape
     if inputs % BLOCK:
         raise ValueError(f"MXFP4 needs input features in multiples of {BLOCK}, not {inputs}")
