@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import WeightFormat
 from .block_fp8 import BlockFp8
 from .int4_packed import Int4PackQuantized
+from .mxfp4 import Mxfp4
 
-FORMATS: tuple[WeightFormat, ...] = (BlockFp8(), Int4PackQuantized())
+FORMATS: tuple[WeightFormat, ...] = (BlockFp8(), Int4PackQuantized(), Mxfp4())
 
 
 def weight_format(key: str) -> WeightFormat:
