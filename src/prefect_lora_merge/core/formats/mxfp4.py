@@ -247,7 +247,8 @@ class Mxfp4:
 
     key = "mxfp4"
     label = "MXFP4"
-    work_copies = 4  # the whole float32 base, the merged weight, ΔW while it is added, the base decoded again to measure survival
+    # the whole float32 base, the merged weight, ΔW while it is added, the base decoded again to measure survival
+    work_copies = 4
 
     def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
         if _quant_method(config) != "mxfp4":
