@@ -32,8 +32,14 @@ def test_wheel_installs_everything_under_prefect_lora_merge(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"prefect_lora_merge"}
-    for module in ("flows/merge.py", "tasks/merge.py", "core/plan.py", "cli.py"):
-        assert f"prefect_lora_merge/{module}" in names
+    # every module of the tree, subpackages included (a package missing from pyproject's list would be left out)
+    modules = [
+        f"prefect_lora_merge/{p.relative_to(ROOT / 'src' / 'prefect_lora_merge')}"
+        for p in (ROOT / "src" / "prefect_lora_merge").rglob("*.py")
+    ]
+    modules += [f"prefect_lora_merge/{d}/{p.name}" for d in ("flows", "tasks") for p in (ROOT / d).glob("*.py")]
+    assert "prefect_lora_merge/core/plan/planner.py" in modules and "prefect_lora_merge/core/formats/base.py" in modules
+    assert sorted(m for m in modules if m not in names) == []
 
 
 def test_the_merge_core_imports_neither_prefect_nor_the_cli():

@@ -278,8 +278,8 @@ def assert_quantized_refusal(base: Path, adapter: Path, out: Path, *fragments: s
     assert "\n" not in message and "does not fit" not in message and "trained on this base" not in message
 
 
-def assert_merges_untouched_quantized_tensors_as_bytes(base: Path, adapter: Path, out: Path) -> None:
-    result = merge_checkpoint(str(base), str(adapter), str(out))
+def assert_merges_untouched_quantized_tensors_as_bytes(base: Path, adapter: Path, out: Path, **options) -> None:
+    result = merge_checkpoint(str(base), str(adapter), str(out), **options)
     assert result.report.passed, result.report.failures
     original, merged = load_file(str(base / "model.safetensors")), output_tensors(out)
     assert [k for k in original if not torch.equal(_bits(original[k]), _bits(merged[k]))] == ["lm_head.weight"]
@@ -324,31 +324,60 @@ def _rewrite(base: Path, target: Path, rewrite, quantization_config: dict) -> Pa
     return target
 
 
-def test_a_compressed_tensors_pack_quantized_base_is_refused_by_name(unquantized_llama):
+def _packed(tensors):
+    """Every projection as compressed-tensors stores a 4-bit packed Linear (codes and scales arbitrary here)."""
+    gen = torch.Generator().manual_seed(0)
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        out, inp = tensors.pop(name).shape
+        module = name.removesuffix(".weight")
+        tensors[f"{module}.weight_packed"] = torch.randint(
+            -(2**31), 2**31 - 1, (out, inp // 8), generator=gen, dtype=torch.int32
+        )
+        tensors[f"{module}.weight_scale"] = (0.01 * torch.rand(out, inp // 32, generator=gen) + 1e-3).to(torch.bfloat16)
+        tensors[f"{module}.weight_shape"] = torch.tensor([out, inp])
+    return tensors
+
+
+def _compressed_tensors_config(fmt: str) -> dict:
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+
+
+def test_an_adapter_on_a_compressed_tensors_pack_quantized_base_merges_into_its_packed_weights(unquantized_llama):
+    root, q_proj, _ = unquantized_llama
+    base = _rewrite(root / "base", root / "w4a16", _packed, _compressed_tensors_config("pack-quantized"))
+    original = load_file(str(base / "model.safetensors"))
+    kept = merge_checkpoint(str(base), str(q_proj), str(root / "w4a16-keep"), output_dtype="keep")
+    assert kept.report.passed, kept.report.failures
+    merged = output_tensors(root / "w4a16-keep")
+    changed = sorted(k for k in original if not torch.equal(_bits(original[k]), _bits(merged[k])))
+    assert changed == ["model.layers.0.self_attn.q_proj.weight_packed", "model.layers.0.self_attn.q_proj.weight_scale"]
+    dequantized = merge_checkpoint(str(base), str(q_proj), str(root / "w4a16-bf16"))
+    assert dequantized.report.passed, dequantized.report.failures
+    written = output_tensors(root / "w4a16-bf16")
+    assert written["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert not [k for k in written if k.endswith(("weight_packed", "weight_scale", "weight_shape"))]
+
+
+def test_a_compressed_tensors_format_this_tool_does_not_merge_is_refused_by_name(unquantized_llama):
     root, q_proj, lm_head = unquantized_llama
-
-    def pack(tensors):
-        for name in [n for n in tensors if n.endswith("_proj.weight")]:
-            out, inp = tensors.pop(name).shape
-            module = name.removesuffix(".weight")
-            tensors[f"{module}.weight_packed"] = torch.zeros(out, inp // 8, dtype=torch.int32)  # 4-bit, 8 per int32
-            tensors[f"{module}.weight_scale"] = torch.ones(out, inp // 32, dtype=torch.bfloat16)
-            tensors[f"{module}.weight_shape"] = torch.tensor([out, inp])
-        return tensors
-
-    quantization = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"]}
-    base = _rewrite(root / "base", root / "w4a16", pack, quantization)
+    base = _rewrite(root / "base", root / "nvfp4", _packed, _compressed_tensors_config("nvfp4-pack-quantized"))
     assert_quantized_refusal(
         base,
         q_proj,
-        root / "w4a16-out",
-        "is a quantized checkpoint (compressed-tensors pack-quantized",
+        root / "nvfp4-out",
+        "is a quantized checkpoint (compressed-tensors nvfp4-pack-quantized",
         "q_proj.weight_packed",
     )
-    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "w4a16-lm_head")
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "nvfp4-lm_head")
 
 
-def test_a_gpt_oss_mxfp4_base_is_refused_by_name_when_the_adapter_touches_its_experts(tmp_path):
+def test_an_adapter_on_a_gpt_oss_mxfp4_base_merges_into_its_experts(tmp_path):
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(
@@ -381,11 +410,9 @@ def test_a_gpt_oss_mxfp4_base_is_refused_by_name_when_the_adapter_touches_its_ex
 
     quantization = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
     base = _rewrite(tmp_path / "bf16", tmp_path / "mxfp4", mxfp4, quantization)
-    assert_quantized_refusal(
-        base,
-        experts,
-        tmp_path / "out",
-        "is a quantized checkpoint (MXFP4",
-        "model.layers.0.mlp.experts.gate_up_proj_blocks",
-    )
-    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, tmp_path / "lm_head-out")
+    result = merge_checkpoint(str(base), str(experts), str(tmp_path / "out"), output_dtype="keep")
+    assert result.report.passed, result.report.failures
+    assert result.plan.quantized_format == "MXFP4"
+    touched = sorted(t.name for shard in result.plan.shards for t in shard.touched)
+    assert touched == ["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, tmp_path / "lm_head-out", output_dtype="keep")
