@@ -36,7 +36,6 @@ class Update(BaseModel):
     rounded_to: Literal["F16", "BF16"] | None = None
 
 
-
 TILED_FORMS = ("linear", "expert")  # delta forms whose ΔW can be computed a tile at a time
 
 
@@ -48,8 +47,6 @@ def merges_by_tiles(updates: tuple[Update, ...]) -> bool:
 
 def update_keys(update: Update) -> tuple[str, ...]:
     return update.adapter_tensors + ((update.magnitude,) if update.magnitude else ())
-
-
 
 
 PARAMETER_FORMS = ("experts", "expert")  # updates of target_parameters, matched by that list when planned

@@ -1,12 +1,12 @@
 """Quantized base checkpoints this tool cannot merge into yet, recognised by the tensors they store.
 
-bitsandbytes, MXFP4, compressed-tensors, GPTQ and AWQ checkpoints keep a weight as packed integers with companion
-tensors (scales, code books, shapes), often under other names than the weight's: `q_proj.weight` as U8 [n, 1] beside
-`q_proj.weight.absmax`, `experts.gate_up_proj` as `gate_up_proj_blocks` / `gate_up_proj_scales`, `q_proj.weight` as
-`q_proj.weight_packed`. A LoRA delta cannot be added to those bytes. Planning refuses a merge that touches one by
-naming the format, instead of reporting a packed tensor's shape as a mismatch; quantized weights the adapter does
-not touch are copied byte for byte like any other tensor. (The formats the tool merges into are the other modules
-here, listed in `formats.FORMATS`.)
+bitsandbytes, NVFP4, GPTQ and AWQ checkpoints (and compressed-tensors or MXFP4 ones in a variant the formats here do
+not read) keep a weight as packed integers with companion tensors (scales, code books, shapes), often under other
+names than the weight's: `q_proj.weight` as U8 [n, 1] beside `q_proj.weight.absmax`, `q_proj.weight` as
+`q_proj.qweight`. A LoRA delta cannot be added to those bytes. Planning refuses a merge that touches one by naming
+the format, instead of reporting a packed tensor's shape as a mismatch; quantized weights the adapter does not touch
+are copied byte for byte like any other tensor. The formats the tool merges into are the other modules here, listed
+in `formats.FORMATS`; their tensors are passed in as `supported` and never reported.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnsupportedBaseError
 from ..safetensors_format import FLOAT_DTYPES, TensorEntry
+from . import FORMATS
 from .base import quantization_config
 
 # (stored tensor name pattern, the weight's name as modules see it, the format) for formats whose companion tensors
@@ -36,7 +37,7 @@ _COMPANIONS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-class QuantizedWeight(BaseModel):
+class UnsupportedWeight(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str  # the weight as modules see it (what an adapter targets)
@@ -44,35 +45,35 @@ class QuantizedWeight(BaseModel):
     stored: str  # the tensor the checkpoint stores its codes in
 
 
-class QuantizedBase(BaseModel):
+class UnsupportedBase(BaseModel):
     """The quantized weights of a base checkpoint, and how to refuse a merge into them."""
 
     model_config = ConfigDict(frozen=True)
 
     where: str  # the base, for messages
     method: str | None  # config.json's quantization_config.quant_method
-    weights: dict[str, QuantizedWeight]
+    weights: dict[str, UnsupportedWeight]
 
-    def refusal(self, touched: list[QuantizedWeight]) -> UnsupportedBaseError:
+    def refusal(self, touched: list[UnsupportedWeight]) -> UnsupportedBaseError:
         first = touched[0]
         declared = f", config.json quantization_config.quant_method {self.method!r}" if self.method else ""
         more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
         stored = "" if first.stored == first.name else f", stored as {first.stored}"
         return UnsupportedBaseError(
             f"{self.where} is a quantized checkpoint ({first.scheme}{declared}): the adapter changes "
-            f"{len(touched)} quantized weight(s) ({first.name}{stored}{more}), and quantized bases are not supported "
-            "yet; merge into the "
+            f"{len(touched)} quantized weight(s) ({first.name}{stored}{more}), and {first.scheme} bases are not "
+            f"supported yet (the tool merges into {', '.join(f.label for f in FORMATS)} ones); merge into the "
             "unquantized base this checkpoint was quantized from (then quantize the merged output again if needed)"
         )
 
 
 def find_quantized(
     where: str, config: dict[str, Any], catalog: dict[str, TensorEntry], supported: set[str]
-) -> QuantizedBase | None:
+) -> UnsupportedBase | None:
     """The base's quantized weights, from their tensors' names and dtypes, or None when it has none. `supported`:
     tensors of formats the tool merges (block-FP8 weights and their scale grids)."""
     method, declared = _declared_scheme(config)
-    weights: dict[str, QuantizedWeight] = {}
+    weights: dict[str, UnsupportedWeight] = {}
     for stored, entry in catalog.items():
         if stored in supported:
             continue
@@ -93,14 +94,14 @@ def find_quantized(
             label = scheme.format(kind=match.groupdict().get("kind", ""))
             if scheme in ("compressed-tensors", "GPTQ/AWQ") and declared:
                 label = declared
-            weights[name] = QuantizedWeight(name=name, scheme=label, stored=codes)
+            weights[name] = UnsupportedWeight(name=name, scheme=label, stored=codes)
         # A weight the config declares quantized, stored as integers or FP8 under its own name (compressed-tensors
         # int-/float-quantized, fbgemm FP8, ...): no companion naming the format, but not a float either.
         if declared and stored.endswith(".weight") and entry.dtype not in FLOAT_DTYPES and stored not in weights:
-            weights[stored] = QuantizedWeight(name=stored, scheme=declared, stored=stored)
+            weights[stored] = UnsupportedWeight(name=stored, scheme=declared, stored=stored)
     if not weights:
         return None
-    return QuantizedBase(where=where, method=method, weights=weights)
+    return UnsupportedBase(where=where, method=method, weights=weights)
 
 
 def _declared_scheme(config: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -33,7 +33,6 @@ def parse_config(base: Location, data: bytes | None) -> dict[str, Any]:
     return config
 
 
-
 def is_extra_file(name: str) -> bool:
     """Files of the base that go to the output unchanged: not weights, not hidden (the state directory among
     them), never this tool's own files (a base may itself be a merged output: its manifest and report describe
@@ -105,5 +104,3 @@ def check_index(base: Location, headers: list[ShardHeader], weight_map: dict[str
             + "; ".join(problems[:5])
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         )
-
-

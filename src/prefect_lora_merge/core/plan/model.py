@@ -138,6 +138,7 @@ class ShardPlan(BaseModel):
         """Working memory of this shard's merge (see `memory.shard_peak_bytes`)."""
         return shard_peak_bytes(self, adapter)
 
+
 class MergeJob(BaseModel):
     """Everything a shard merge needs besides its own shard plan."""
 
@@ -198,5 +199,3 @@ class MergePlan(BaseModel):
             "estimated_peak_bytes": self.estimated_peak_bytes,
             "decisions": list(self.decisions),
         }
-
-

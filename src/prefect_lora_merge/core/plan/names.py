@@ -154,5 +154,3 @@ def rewrites(name: str) -> list[str]:
         frontier = nxt
     seen.discard(name)
     return sorted(seen)
-
-

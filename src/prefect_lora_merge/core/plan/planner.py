@@ -121,5 +121,3 @@ def make_plan(
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )
-
-

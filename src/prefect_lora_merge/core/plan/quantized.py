@@ -53,9 +53,7 @@ def output_mode(output_dtype: str, fmt: WeightFormat | None, where: str) -> Lite
 def resolver_entries(weights: dict[str, QuantizedWeight]) -> dict[str, TensorEntry]:
     """The quantized weights as name resolution sees them: under their logical names and shapes, computed in
     float32 (what an adapter targets is the weight, not its packed parts)."""
-    return {
-        name: TensorEntry(name=name, dtype="F32", shape=w.shape, begin=0, end=0) for name, w in weights.items()
-    }
+    return {name: TensorEntry(name=name, dtype="F32", shape=w.shape, begin=0, end=0) for name, w in weights.items()}
 
 
 def quantized_roles(

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from ..adapter import TRAINING_ONLY_TENSORS, AdapterIndex, AdapterTensor, adapter_scale, rank_problems
 from ..errors import AdapterMismatchError, InconsistentAdapterError, UnsupportedAdapterError
 from ..formats.base import TensorRef
-from ..formats.unsupported import QuantizedBase, QuantizedWeight
+from ..formats.unsupported import UnsupportedBase, UnsupportedWeight
 from ..safetensors_format import FLOAT_DTYPES, ShardHeader
 from ..update import PARAMETER_FORMS, Update, update_keys
 from .model import PlannedTensor
@@ -86,7 +86,7 @@ def plan_updates(
     resolver: NameResolver,
     config: dict[str, Any],
     quantized_weights: set[str],
-    unsupported: QuantizedBase | None = None,
+    unsupported: UnsupportedBase | None = None,
 ) -> tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int | bool]]:
     groups: dict[str, _Group] = {}
     replacements: list[tuple[str, str]] = []  # (adapter key, tensor name as PEFT saw it)
@@ -282,13 +282,13 @@ def _training_only(key: str, variants: list[tuple[str, re.Pattern[str]]]) -> tup
 
 
 def _touched_quantized(
-    quantized: QuantizedBase,
+    quantized: UnsupportedBase,
     resolver: NameResolver,
     adapter: AdapterIndex,
     groups: dict[str, _Group],
     replacements: list[tuple[str, str]],
     token_keys: list[tuple[str, str]],
-) -> list[QuantizedWeight]:
+) -> list[UnsupportedWeight]:
     """The base's quantized weights that the adapter would change. A target is found by the usual name rules,
     among the stored tensors first (bitsandbytes keeps the codes under the weight's name), then among the names of
     the weights that packed tensors stand for (`q_proj.weight` for `q_proj.weight_packed`)."""
@@ -300,7 +300,7 @@ def _touched_quantized(
         names.append(f"{plain}.weight")
         names += [f"{plain}.{p}" for p in _targeted_parameters(plain, adapter.config.target_parameters or [])]
     packed = NameResolver({w.name: resolver.catalog[w.stored] for w in quantized.weights.values()}, resolver.config)
-    touched: dict[str, QuantizedWeight] = {}
+    touched: dict[str, UnsupportedWeight] = {}
     for name in names:
         target, _ = resolver.resolve(name)
         if target is None:
@@ -841,4 +841,3 @@ def replaced_shape(updates: tuple[Update, ...], adapter: AdapterIndex) -> tuple[
         if update.kind == "replace":
             return tuple(adapter.tensors[update.adapter_tensors[0]].shape)
     return None
-
