@@ -40,7 +40,10 @@ def _digests(src: Path, base: Path, adapter: Path, out: Path, mode: str, tile: s
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "PREFECT_HOME": str(out.parent / "prefect")}
     done = subprocess.run(
         [sys.executable, "-c", MERGE, str(base), str(adapter), str(out), mode, tile],
-        env=env, capture_output=True, text=True, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode:
         raise SystemExit(f"merge with {src} failed:\n{done.stderr[-3000:]}")
