@@ -1,0 +1,72 @@
+"""What every quantized format does alike, specified once over the three of them: block-FP8 (DeepSeek-V3), INT4
+pack-quantized (Kimi-K2-Thinking) and MXFP4 (GPT-OSS), each a tiny checkpoint with a PEFT adapter touching it."""
+
+from __future__ import annotations
+
+import pytest
+from deepseek_fp8 import build as build_fp8
+from gpt_oss_mxfp4 import build as build_mxfp4
+from kimi_int4 import build as build_int4
+
+from prefect_lora_merge.core import recompute
+from prefect_lora_merge.core.formats import FORMATS
+from prefect_lora_merge.core.pipeline import merge_checkpoint
+from prefect_lora_merge.core.plan import make_plan
+from prefect_lora_merge.core.validate import validate_output
+
+BUILDERS = {"block-FP8": build_fp8, "compressed-tensors INT4 pack-quantized": build_int4, "MXFP4": build_mxfp4}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def case(request, tmp_path_factory):
+    return request.param, BUILDERS[request.param](tmp_path_factory.mktemp("case"))
+
+
+@pytest.fixture(scope="module")
+def merged(case, tmp_path_factory):
+    label, built = case
+    outs = {}
+    for mode in ("bf16", "keep"):
+        out = tmp_path_factory.mktemp(mode) / "merged"
+        outs[mode] = (out, merge_checkpoint(str(built.base_dir), str(built.adapter_dir), str(out), output_dtype=mode))
+    return outs
+
+
+def test_every_format_is_detected_by_its_config_and_headers_and_named_in_the_plan(case, tmp_path):
+    label, built = case
+    plan = make_plan(str(built.base_dir), str(built.adapter_dir), str(tmp_path / "out"))
+    assert plan.quantized_format == label and plan.output_dtype == "bf16"
+    assert any(d.startswith(f"{label} base written in bf16") for d in plan.decisions)
+    assert label in {f.label for f in FORMATS}
+
+
+def test_validation_recomputes_sampled_runs_of_rows_of_every_quantized_weight(case, merged, monkeypatch):
+    """Rows are sampled, not all read, for any tensor larger than a few runs: here every tensor is, so runs that
+    must start on the format's own boundaries (a block's rows, an MXFP4 expert's inputs) are checked."""
+    label, built = case
+    monkeypatch.setattr(recompute, "ALL_ROWS_UP_TO", 0)
+    monkeypatch.setattr(recompute, "RUN_VALUES", 1024)  # runs of a few rows: enough values for the flip rate
+    for mode, (_, result) in merged.items():
+        report = validate_output(result.plan.job.output, result.plan)
+        assert report.passed, (mode, report.failures)
+        sampled = [n for n in report.numbers if n.rows_checked < n.rows]
+        assert sampled, f"{label} {mode}: no tensor was sampled"
+
+
+def test_both_outputs_validate_and_a_kept_one_reports_the_delta_survival_of_every_touched_weight(case, merged):
+    label, built = case
+    (_, bf16), (_, keep) = merged["bf16"], merged["keep"]
+    assert bf16.report.passed and keep.report.passed
+    survivals = [d for r in keep.receipts for d in r.delta_survivals]
+    touched = {t.quantized.weight.name for s in keep.plan.shards for t in s.touched if t.quantized is not None}
+    assert sorted(d.tensor for d in survivals) == sorted(touched)
+    assert all(0.5 < d.cosine <= 1.0 and d.relative_error < 1.0 for d in survivals), survivals
+
+
+def test_an_untouched_shard_is_the_same_file_in_a_kept_output(case, merged):
+    label, built = case
+    _, result = merged["keep"]
+    out, _ = merged["keep"]
+    for shard in result.plan.shards:
+        if shard.copies_base_bytes():
+            assert (out / shard.file).read_bytes() == (built.base_dir / shard.file).read_bytes()
