@@ -4,6 +4,7 @@ pack-quantized (Kimi-K2-Thinking) and MXFP4 (GPT-OSS), each a tiny checkpoint wi
 from __future__ import annotations
 
 import pytest
+import torch
 from deepseek_fp8 import build as build_fp8
 from gpt_oss_mxfp4 import build as build_mxfp4
 from kimi_int4 import build as build_int4
@@ -70,3 +71,19 @@ def test_an_untouched_shard_is_the_same_file_in_a_kept_output(case, merged):
     for shard in result.plan.shards:
         if shard.copies_base_bytes():
             assert (out / shard.file).read_bytes() == (built.base_dir / shard.file).read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_format_merges_whole_tensors_to_an_output_that_validates_like_the_cpu_one(case, merged, tmp_path):
+    label, built = case
+    for mode, (_, on_cpu) in merged.items():
+        out = tmp_path / mode
+        result = merge_checkpoint(
+            str(built.base_dir), str(built.adapter_dir), str(out), output_dtype=mode, device="cuda"
+        )
+        assert result.report.passed, (label, mode, result.report.failures)
+        assert all(r.device.startswith("cuda") for r in result.receipts if r.touched)
+        cpu = {d.tensor: d.cosine for r in on_cpu.receipts for d in r.delta_survivals}
+        gpu = {d.tensor: d.cosine for r in result.receipts for d in r.delta_survivals}
+        assert gpu.keys() == cpu.keys() and all(abs(gpu[k] - cpu[k]) < 1e-3 for k in cpu), (label, mode)
