@@ -1,14 +1,15 @@
 """Name resolution: the tensor a checkpoint stores under the name PEFT saw (the in-memory module name).
 
-Exact name first, then known layout rewrites (multimodal prefixes, MoE renames), then a unique suffix, then the
-embedding a tied head shares. What it decided on the way (a tied head redirected, an untied one) it records in
-`decisions`, which the plan reports.
+`resolve_name` is a pure function of the name, the checkpoint's catalog and config.json: exact name first, then
+known layout rewrites (multimodal prefixes, MoE renames), then a unique suffix, then the embedding a tied head
+shares; it returns what it decided on the way (a head's update landing on a tied embedding). `NameResolver` is the
+planner's record over one plan: those decisions, and the head an untied output gains.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..safetensors_format import TensorEntry
 
@@ -32,8 +33,77 @@ KNOWN_REWRITES: tuple[tuple[str, str], ...] = (
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embeddings.weight")
 
 
+class Resolution(NamedTuple):
+    """What a name means in a checkpoint: the stored tensor, or why there is none, and what was decided on the way."""
+
+    stored: str | None
+    why: str | None = None
+    decision: str | None = None  # a head's update landing on the embedding it is tied to
+
+
+def resolve_name(name: str, catalog: dict[str, TensorEntry], config: dict[str, Any]) -> Resolution:
+    """The tensor `catalog` stores under `name` as PEFT saw it: exact, then known rewrites, then a unique suffix,
+    then the embedding a tied head shares. A pure function of its arguments."""
+    found, why = stored_name(name, catalog)
+    if found is not None or why is not None:
+        return Resolution(found, why)
+    embedding = tied_embedding(catalog, config) if HEAD_WEIGHT.search(name) else None
+    if embedding is not None:
+        return Resolution(
+            embedding,
+            decision=(
+                f"tied embeddings: the checkpoint stores only {embedding}, shared with lm_head; the adapter's "
+                f"lm_head update is applied to {embedding} after the embedding's own, as PEFT's merge does to the "
+                "shared tensor (the unmerged PEFT model applies each delta on its own path only; no tied tensor can "
+                "reproduce both)"
+            ),
+        )
+    return Resolution(None, f"{name} has no matching tensor in the base checkpoint")
+
+
+def stored_name(name: str, catalog: dict[str, TensorEntry]) -> tuple[str | None, str | None]:
+    """The tensor the checkpoint stores under `name`, as `resolve_name` finds it, but never through a tied head:
+    (name, None), (None, why it is ambiguous) or (None, None)."""
+    if name in catalog:
+        return name, None
+    found = sorted({c for c in rewrites(name) if c in catalog})
+    if len(found) == 1:
+        return found[0], None
+    if len(found) > 1:
+        return None, f"{name} is ambiguous: it could be any of {found}"
+    matches = _suffix_matches(name, catalog)
+    if len(matches) == 1:
+        return matches[0], None
+    if len(matches) > 1:
+        return None, f"{name} is ambiguous: it matches {matches[:4]} by suffix"
+    return None, None
+
+
+def tied_embedding(catalog: dict[str, TensorEntry], config: dict[str, Any]) -> str | None:
+    """The one embedding the output head shares, when the config ties them and the checkpoint stores no head."""
+    if not ties_embeddings(config) or any(HEAD_WEIGHT.search(n) for n in catalog):
+        return None
+    embeddings = sorted(n for n in catalog if n.endswith(EMBEDDING_NAMES) and "vision" not in n)
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def _suffix_matches(name: str, catalog: dict[str, TensorEntry]) -> list[str]:
+    parts = name.split(".")
+    for start in range(len(parts) - 1):
+        # Never strip a layer or expert number: those are identity, not prefix.
+        if any(p.isdigit() for p in parts[:start]):
+            break
+        tail = ".".join(parts[start:])
+        matches = sorted(n for n in catalog if n == tail or n.endswith("." + tail))
+        if matches:
+            return matches
+    return []
+
+
 class NameResolver:
-    """Maps a tensor name as PEFT saw it (the in-memory module name) to the name stored in the checkpoint."""
+    """One plan's use of `resolve_name`: the catalog it resolves against (which gains the head of an untied
+    output), and what resolving decided over the whole plan: its decisions, the modules redirected to a tied
+    embedding. The planner appends its other decisions here too, so the plan reports them in one list."""
 
     def __init__(self, catalog: dict[str, TensorEntry], config: dict[str, Any]) -> None:
         self.catalog = catalog
@@ -45,39 +115,19 @@ class NameResolver:
         self.model_type = str(config.get("model_type") or text.get("model_type") or "")
 
     def resolve(self, name: str) -> tuple[str | None, str | None]:
-        """(checkpoint name, None) or (None, why not). Exact, then known rewrites, then a unique suffix, then the
-        embedding a tied head shares."""
-        found, why = self.stored(name)
-        if found is not None or why is not None:
-            return found, why
-        tied = self._tied_embedding(name)
-        if tied:
+        """(checkpoint name, None) or (None, why not), recording what `resolve_name` decided."""
+        found = resolve_name(name, self.catalog, self.config)
+        if found.decision is not None:
             self.tied_redirects.add(name.rpartition(".")[0])
-            return tied, None
-        return None, f"{name} has no matching tensor in the base checkpoint"
+            if found.decision not in self.decisions:
+                self.decisions.append(found.decision)
+        return found.stored, found.why
 
     def stored(self, name: str) -> tuple[str | None, str | None]:
-        """The tensor the checkpoint stores under `name`, as `resolve` finds it, but never through a tied head."""
-        if name in self.catalog:
-            return name, None
-        found = sorted({c for c in rewrites(name) if c in self.catalog})
-        if len(found) == 1:
-            return found[0], None
-        if len(found) > 1:
-            return None, f"{name} is ambiguous: it could be any of {found}"
-        matches = self._suffix_matches(name)
-        if len(matches) == 1:
-            return matches[0], None
-        if len(matches) > 1:
-            return None, f"{name} is ambiguous: it matches {matches[:4]} by suffix"
-        return None, None
+        return stored_name(name, self.catalog)
 
     def tied_embedding(self) -> str | None:
-        """The one embedding the output head shares, when the config ties them and the checkpoint stores no head."""
-        if not ties_embeddings(self.config) or any(HEAD_WEIGHT.search(n) for n in self.catalog):
-            return None
-        embeddings = sorted(n for n in self.catalog if n.endswith(EMBEDDING_NAMES) and "vision" not in n)
-        return embeddings[0] if len(embeddings) == 1 else None
+        return tied_embedding(self.catalog, self.config)
 
     def untie(self) -> tuple[str, str]:
         """Give the output a head of its own: (embedding, head). The head joins the catalog as the embedding's
@@ -88,34 +138,6 @@ class NameResolver:
         self.catalog = {**self.catalog, head: self.catalog[embedding].model_copy(update={"name": head})}
         self.untied = (embedding, head)
         return self.untied
-
-    def _suffix_matches(self, name: str) -> list[str]:
-        parts = name.split(".")
-        for start in range(len(parts) - 1):
-            # Never strip a layer or expert number: those are identity, not prefix.
-            if any(p.isdigit() for p in parts[:start]):
-                break
-            tail = ".".join(parts[start:])
-            matches = sorted(n for n in self.catalog if n == tail or n.endswith("." + tail))
-            if matches:
-                return matches
-        return []
-
-    def _tied_embedding(self, name: str) -> str | None:
-        if not HEAD_WEIGHT.search(name):
-            return None
-        embedding = self.tied_embedding()
-        if embedding is None:
-            return None
-        decision = (
-            f"tied embeddings: the checkpoint stores only {embedding}, shared with lm_head; the adapter's "
-            f"lm_head update is applied to {embedding} after the embedding's own, as PEFT's merge does to the "
-            "shared tensor (the unmerged PEFT model applies each delta on its own path only; no tied tensor can "
-            "reproduce both)"
-        )
-        if decision not in self.decisions:
-            self.decisions.append(decision)
-        return embedding
 
 
 HEAD_WEIGHT = re.compile(r"(^|\.)lm_head\.weight$")
