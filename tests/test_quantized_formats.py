@@ -10,7 +10,9 @@ from gpt_oss_mxfp4 import build as build_mxfp4
 from kimi_int4 import build as build_int4
 
 from prefect_lora_merge.core import recompute
+from prefect_lora_merge.core.errors import LoraMergeError
 from prefect_lora_merge.core.formats import FORMATS
+from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import merge_checkpoint
 from prefect_lora_merge.core.plan import make_plan
 from prefect_lora_merge.core.validate import validate_output
@@ -87,3 +89,17 @@ def test_on_cuda_every_format_merges_whole_tensors_to_an_output_that_validates_l
         cpu = {d.tensor: d.cosine for r in on_cpu.receipts for d in r.delta_survivals}
         gpu = {d.tensor: d.cosine for r in result.receipts for d in r.delta_survivals}
         assert gpu.keys() == cpu.keys() and all(abs(gpu[k] - cpu[k]) < 1e-3 for k in cpu), (label, mode)
+
+
+def test_the_older_names_of_keep_still_work_where_they_meant_something(case, tmp_path):
+    label, built = case
+    inputs = (str(built.base_dir), str(built.adapter_dir), str(tmp_path / "out"))
+    if label == "block-FP8":
+        assert make_plan(*inputs, output_dtype="fp8").shards == make_plan(*inputs, output_dtype="keep").shards
+    else:
+        with pytest.raises(
+            LoraMergeError, match=f"--output-dtype fp8 keeps a block-FP8 base's format.*is {label}.*keep"
+        ):
+            make_plan(*inputs, output_dtype="fp8")
+    params = MergeParameters(base=inputs[0], adapter=inputs[1], output=inputs[2], fp8_min_cosine=0.5)
+    assert params.min_delta_cosine == 0.5

@@ -84,6 +84,18 @@ class MergeParameters(BaseModel):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_names(cls, values: Any) -> Any:
+        """`fp8_min_cosine`: what `min_delta_cosine` was called while block-FP8 was the only quantized format (saved
+        deployments and events may still send it)."""
+        if isinstance(values, dict) and "fp8_min_cosine" in values:
+            values = dict(values)
+            older = values.pop("fp8_min_cosine")
+            if values.get("min_delta_cosine") is None:
+                values["min_delta_cosine"] = older
+        return values
+
     @model_validator(mode="after")
     def _runner(self) -> MergeParameters:
         if self.runner != "dask" and (self.dask_address or self.dask_workers):
