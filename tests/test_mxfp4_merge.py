@@ -399,12 +399,3 @@ def test_cli_merges_kept_in_mxfp4_and_validates_against_base_and_adapter(case, t
     assert "worst delta survival after re-quantization" in run.stdout
     check = subprocess.run([*cli, "validate", *inputs, "--output", str(out)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gives_the_same_bytes_as_cpu(case, bf16_out, keep_out, tmp_path):
-    for mode, (reference, _) in (("bf16", bf16_out), ("keep", keep_out)):
-        out = tmp_path / mode
-        merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype=mode, device="cuda")
-        for path in shards(reference):
-            assert (out / path.name).read_bytes() == path.read_bytes(), (mode, path.name)
