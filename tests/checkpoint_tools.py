@@ -91,3 +91,33 @@ def edit_checkpoint_tensor(directory: Path, name: str, edit) -> None:
     tensors = load_file(str(directory / shard))
     edit(tensors[name])
     save_file(tensors, str(directory / shard), metadata=metadata)
+
+
+def save_sharded(directory: Path, tensors: dict, shard_of, shards: int) -> None:
+    """`tensors` saved as `shards` safetensors files, tensor `name` in file number `shard_of(name)` (from 1), with
+    their index, as `save_pretrained` shards a checkpoint."""
+    directory.mkdir(parents=True, exist_ok=True)
+    content: dict[str, dict] = {}
+    for name in sorted(tensors):
+        content.setdefault(f"model-{shard_of(name):05d}-of-{shards:05d}.safetensors", {})[name] = tensors[name]
+    weight_map = {}
+    for file, held in sorted(content.items()):
+        save_file(held, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in held})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_perturbed_adapter(model, lora, directory: Path, generator) -> None:
+    """PEFT's `lora` adapter on `model`, every trainable weight moved by 0.1·N(0, 1): a delta large enough to move
+    quantized codes, as a real fine-tune does to a few blocks."""
+    import torch
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(directory)

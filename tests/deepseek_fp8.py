@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from checkpoint_tools import save_perturbed_adapter, save_sharded
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -174,13 +175,7 @@ def build(root: Path, *, ue8m0: bool = False, model_type: str = "deepseek_v3", s
         target_modules=ATTENTION,
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    peft_model = get_peft_model(reference, lora)
-    with torch.no_grad():
-        for _, param in peft_model.named_parameters():
-            if param.requires_grad:
-                # A delta large enough to move FP8 codes: what a real fine-tune does to a few blocks.
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    peft_model.save_pretrained(adapter_dir)
+    save_perturbed_adapter(reference, lora, adapter_dir, gen)
     mtp = tuple(sorted(n for n in fp8 if n.startswith(f"model.layers.{MTP}.")))
     return Fp8Case(base_dir, dequantized_dir, adapter_dir, tuple(quantized), cross, mtp)
 
@@ -188,9 +183,6 @@ def build(root: Path, *, ue8m0: bool = False, model_type: str = "deepseek_v3", s
 def _write_shards(directory: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """Four shards by layer; the scale grids of layer 1's attention go to the next shard, away from their weight."""
     directory.mkdir(parents=True)
-    names = sorted(tensors)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    cross = []
 
     def shard_of(name: str) -> int:
         match = re.match(r"model\.layers\.(\d+)\.", name)
@@ -199,15 +191,10 @@ def _write_shards(directory: Path, tensors: dict[str, torch.Tensor]) -> tuple[st
             return 3  # layer 1's attention scales live with layer 2
         return {-1: 1, 0: 1, 1: 2, 2: 3, 3: 4}[layer]
 
-    for name in names:
-        shards.setdefault(f"model-0000{shard_of(name)}-of-00004.safetensors", {})[name] = tensors[name]
-        if name.endswith("_scale_inv") and shard_of(name) != shard_of(name.removesuffix("_scale_inv")):
-            cross.append(name.removesuffix("_scale_inv"))
-    weight_map = {}
-    for file, content in sorted(shards.items()):
-        save_file(content, str(directory / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in content})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_sharded(directory, tensors, shard_of, 4)
+    cross = [
+        name.removesuffix("_scale_inv")
+        for name in tensors
+        if name.endswith("_scale_inv") and shard_of(name) != shard_of(name.removesuffix("_scale_inv"))
+    ]
     return tuple(sorted(cross))

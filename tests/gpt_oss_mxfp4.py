@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from checkpoint_tools import save_perturbed_adapter, save_sharded
+from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -133,13 +134,7 @@ def build(root: Path, *, seed: int = 0) -> Mxfp4Case:
         target_modules=ATTENTION,
         target_parameters=[f"mlp.experts.{p}" for p in EXPERT_PARAMS],
     )
-    peft_model = get_peft_model(reference, lora)
-    with torch.no_grad():
-        for _, param in peft_model.named_parameters():
-            if param.requires_grad:
-                # A delta large enough to move e2m1 codes: what a real fine-tune does to a few blocks.
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    peft_model.save_pretrained(adapter_dir)
+    save_perturbed_adapter(reference, lora, adapter_dir, gen)
     return Mxfp4Case(base_dir, dequantized_dir, adapter_dir, tuple(quantized), cross)
 
 
@@ -155,14 +150,5 @@ def _write_shards(directory: Path, tensors: dict[str, torch.Tensor]) -> tuple[st
             return 3
         return 1
 
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for name in sorted(tensors):
-        shards.setdefault(f"model-0000{shard_of(name)}-of-00003.safetensors", {})[name] = tensors[name]
-    weight_map = {}
-    for file, content in sorted(shards.items()):
-        save_file(content, str(directory / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in content})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_sharded(directory, tensors, shard_of, 3)
     return (moved.removesuffix("_scales"),)

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from checkpoint_tools import save_perturbed_adapter, save_sharded
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -158,20 +159,13 @@ def build(root: Path, *, seed: int = 0) -> Int4Case:
         target_modules=ATTENTION,
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    peft_model = get_peft_model(reference, lora)
-    with torch.no_grad():
-        for _, param in peft_model.named_parameters():
-            if param.requires_grad:
-                # A delta large enough to move INT4 codes: what a real fine-tune does to a few groups.
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    peft_model.save_pretrained(adapter_dir)
+    save_perturbed_adapter(reference, lora, adapter_dir, gen)
     return Int4Case(base_dir, dequantized_dir, adapter_dir, tuple(quantized), cross, ignore)
 
 
 def _write_shards(directory: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """Four shards by layer; the weight_scale of layer 1's experts goes to the next shard, away from its weight."""
     directory.mkdir(parents=True)
-    shards: dict[str, dict[str, torch.Tensor]] = {}
 
     def shard_of(name: str) -> int:
         if name.startswith("lm_head") or name == "model.norm.weight":
@@ -182,18 +176,10 @@ def _write_shards(directory: Path, tensors: dict[str, torch.Tensor]) -> tuple[st
             return 3  # layer 1's expert scales live with layer 2
         return layer + 1
 
-    for name in sorted(tensors):
-        shards.setdefault(f"model-0000{shard_of(name)}-of-00004.safetensors", {})[name] = tensors[name]
+    save_sharded(directory, tensors, shard_of, 4)
     cross = sorted(
         name.removesuffix("_scale")
         for name in tensors
         if name.endswith(".weight_scale") and shard_of(name) != shard_of(name.removesuffix("_scale") + "_packed")
     )
-    weight_map = {}
-    for file, content in sorted(shards.items()):
-        save_file(content, str(directory / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in content})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return tuple(cross)

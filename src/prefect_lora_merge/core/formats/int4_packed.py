@@ -40,7 +40,7 @@ import torch
 from ..errors import CheckpointFormatError
 from ..safetensors_format import torch_dtype
 from ..tiling import TileMerge, tiles
-from .base import NonFiniteValues, QuantizedWeight, TensorRef
+from .base import NonFiniteValues, QuantizedWeight, TensorRef, quantization_config
 from .survival import DeltaSurvival, SurvivalSums
 
 KEY = "int4-pack-quantized"
@@ -347,17 +347,10 @@ class Int4PackQuantized:
 # -- detection -----------------------------------------------------------------------------------------------------
 
 
-def _quantization_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    for path, scope in (("", config), ("text_config.", config.get("text_config"))):
-        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict):
-            return f"{path}quantization_config", scope["quantization_config"]
-    return None
-
-
 def _declared_schemes(config: dict[str, Any], where: str) -> list[tuple[str, list[str], dict[str, Any]]]:
     """(name, targets, settings) of every config group that stores its weights pack-quantized; [] when the config
     declares none. Refuses a pack-quantized group whose settings this module cannot merge."""
-    found = _quantization_config(config)
+    found = quantization_config(config)
     if found is None or found[1].get("quant_method") != "compressed-tensors":
         return []
     path, quant = found

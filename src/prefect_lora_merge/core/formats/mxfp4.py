@@ -42,7 +42,7 @@ import torch
 from .. import tiling
 from ..errors import CheckpointFormatError
 from ..tiling import TileMerge
-from .base import NonFiniteValues, QuantizedWeight, TensorRef
+from .base import NonFiniteValues, QuantizedWeight, TensorRef, quantization_config
 from .survival import DeltaSurvival, SurvivalSums
 
 BLOCK = 32  # values per scale
@@ -251,7 +251,8 @@ class Mxfp4:
     work_copies = 4
 
     def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
-        if _quant_method(config) != "mxfp4":
+        found = quantization_config(config)
+        if found is None or found[1].get("quant_method") != "mxfp4":
             return {}
         problems: list[str] = []
         weights: dict[str, QuantizedWeight] = {}
@@ -338,13 +339,6 @@ class Mxfp4:
         absolute = quarter.reshape(-1, out, inputs).transpose(1, 2).reshape(-1, out)
         start = rows.start - (rows.start // inputs) * inputs
         return 0.2, absolute[start : start + (rows.stop - rows.start)]
-
-
-def _quant_method(config: dict[str, Any]) -> Any:
-    for scope in (config, config.get("text_config")):
-        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict):
-            return scope["quantization_config"].get("quant_method")
-    return None
 
 
 def _problem(name: str, blocks: TensorRef, scales: TensorRef | None) -> str | None:
