@@ -291,15 +291,20 @@ def _touched_quantized(
 ) -> list[UnsupportedWeight]:
     """The base's quantized weights that the adapter would change. A target is found by the usual name rules,
     among the stored tensors first (bitsandbytes keeps the codes under the weight's name), then among the names of
-    the weights that packed tensors stand for (`q_proj.weight` for `q_proj.weight_packed`)."""
+    the weights that packed tensors stand for (`q_proj.weight` for `q_proj.weight_packed`). A fused expert
+    parameter (`experts.gate_up_proj`) touches the per-expert weights it is stored as, packed ones included."""
+    packed = NameResolver({w.name: resolver.catalog[w.stored] for w in quantized.weights.values()}, resolver.config)
     names = [name for _, name in replacements] + [f"{module}.weight" for _, module in token_keys]
     for module in groups:
         plain = module
         while plain.endswith(".base_layer"):
             plain = plain[: -len(".base_layer")]
         names.append(f"{plain}.weight")
-        names += [f"{plain}.{p}" for p in _targeted_parameters(plain, adapter.config.target_parameters or [])]
-    packed = NameResolver({w.name: resolver.catalog[w.stored] for w in quantized.weights.values()}, resolver.config)
+        for param in _targeted_parameters(plain, adapter.config.target_parameters or []):
+            names.append(f"{plain}.{param}")
+            layout = _parameter_layout(plain, param, packed)
+            if layout is not None and not isinstance(layout[3], str):
+                names += [name for expert in layout[3] for name in expert]
     touched: dict[str, UnsupportedWeight] = {}
     for name in names:
         target, _ = resolver.resolve(name)
