@@ -34,7 +34,7 @@ ATTENTION = {
     "kv_b_proj": (HEADS * (NOPE + V_DIM), KV_RANK),
     "o_proj": (HIDDEN, HEADS * V_DIM),
 }
-SIZES = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+SIZES = {"F8_E4M3": 1, "BF16": 2, "F32": 4, "I32": 4}
 
 
 def tensors() -> list[tuple[str, str, tuple[int, ...]]]:
@@ -67,13 +67,29 @@ def tensors() -> list[tuple[str, str, tuple[int, ...]]]:
     return out
 
 
-def write_sparse_base(directory: Path) -> None:
+def write_sparse(path: Path, entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """A safetensors file with a real header and its data left as a hole; returns the data's size."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for tensor, dtype, shape in entries:
+        nbytes = math.prod(shape) * SIZES[dtype]
+        header[tensor] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        handle.truncate(8 + len(blob) + offset)  # a hole: no data blocks on disk
+    return offset
+
+
+def write_sparse_shards(directory: Path, entries: list[tuple[str, str, tuple[int, ...]]], shard_bytes: int) -> None:
+    """`entries` as sparse shards of about `shard_bytes` each, in order, with their index."""
     directory.mkdir(parents=True, exist_ok=True)
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
-    for entry in tensors():
+    for entry in entries:
         nbytes = math.prod(entry[2]) * SIZES[entry[1]]
-        if groups[-1] and size + nbytes > SHARD_BYTES:
+        if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(entry)
@@ -81,21 +97,15 @@ def write_sparse_base(directory: Path) -> None:
     weight_map, total = {}, 0
     for i, group in enumerate(groups, 1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tensor, dtype, shape in group:
-            nbytes = math.prod(shape) * SIZES[dtype]
-            header[tensor] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[tensor] = name
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(directory / name, "wb") as handle:
-            handle.write(struct.pack("<Q", len(blob)) + blob)
-            handle.truncate(8 + len(blob) + offset)  # a hole: no data blocks on disk
-        total += offset
+        total += write_sparse(directory / name, group)
+        weight_map.update({tensor: name for tensor, _, _ in group})
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
+
+
+def write_sparse_base(directory: Path) -> None:
+    write_sparse_shards(directory, tensors(), SHARD_BYTES)
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -137,6 +147,22 @@ def write_adapter(directory: Path, rank: int) -> None:
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
+def plan_summary(plan) -> str:
+    """The plan's per-shard work in one line: bytes, touched tensors, computed bytes, copies, memory estimate."""
+    peaks = sorted(s.peak_bytes(plan.job.adapter) for s in plan.shards)
+    touched = [s for s in plan.shards if s.touched]
+    computed = sum(t.base.nbytes for s in plan.shards for t in s.tensors if t.computed)
+    written = sum(e.nbytes for s in plan.shards for e in s.output_entries())
+    copied = [s for s in plan.shards if s.copies_base_bytes()]
+    return (
+        f"{len(plan.shards)} shards, {sum(s.base_size for s in plan.shards) / 1e9:.1f} GB in, {written / 1e9:.1f} GB "
+        f"of tensors out, {sum(len(s.touched) for s in plan.shards)} tensors touched in {len(touched)} shards, "
+        f"{computed / 1e9:.1f} GB of tensors computed, {len(copied)} shards byte-identical "
+        f"({sum(s.base_size for s in copied) / 1e9:.1f} GB: server-side copies); estimated peak per shard median "
+        f"{peaks[len(peaks) // 2] / 2**30:.2f} GiB, max {peaks[-1] / 2**30:.2f} GiB"
+    )
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("bench-work/scale"))
@@ -153,17 +179,7 @@ def main(argv: list[str]) -> int:
     print(f"sparse base: {len(list(base.glob('*.safetensors')))} shards, {on_disk / 1e6:.1f} MB on disk")
     for dtype in ("fp8", "bf16"):
         plan = make_plan(str(base), str(adapter), str(args.workdir / f"out-{dtype}"), output_dtype=dtype)
-        peaks = sorted(s.peak_bytes(plan.job.adapter) for s in plan.shards)
-        touched = [s for s in plan.shards if s.touched]
-        computed = sum(t.base.nbytes for s in plan.shards for t in s.tensors if t.computed)
-        copied = [s for s in plan.shards if s.copies_base_bytes()]
-        print(
-            f"--output-dtype {dtype}: {len(plan.shards)} shards, {sum(s.base_size for s in plan.shards) / 1e9:.1f} "
-            f"GB in, {sum(len(s.touched) for s in plan.shards)} tensors touched in {len(touched)} shards, "
-            f"{computed / 1e9:.1f} GB of tensors computed, {len(copied)} shards byte-identical "
-            f"({sum(s.base_size for s in copied) / 1e9:.1f} GB: server-side copies); estimated peak per shard "
-            f"median {peaks[len(peaks) // 2] / 2**30:.2f} GiB, max {peaks[-1] / 2**30:.2f} GiB"
-        )
+        print(f"--output-dtype {dtype}: {plan_summary(plan)}")
     return 0
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import struct
 import sys
 from pathlib import Path
+
+from scale_plan import plan_summary, write_sparse, write_sparse_shards
 
 HIDDEN, DENSE_INTER, MOE_INTER, EXPERTS, LAYERS, DENSE_LAYERS = 7168, 18432, 2048, 384, 61, 1
 HEADS, Q_RANK, KV_RANK, ROPE, NOPE, V_DIM, VOCAB = 64, 1536, 512, 64, 128, 128, 163840
@@ -37,7 +37,6 @@ EXPERT_PROJECTIONS = {
     "up_proj": (MOE_INTER, HIDDEN),
     "down_proj": (HIDDEN, MOE_INTER),
 }
-SIZES = {"I32": 4, "BF16": 2, "F32": 4}
 Entry = tuple[str, str, tuple[int, ...]]
 
 
@@ -74,40 +73,8 @@ def tensors() -> list[Entry]:
     return out
 
 
-def write_sparse(path: Path, entries: list[Entry]) -> int:
-    """A safetensors file with a real header and its data left as a hole; returns the data's size."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for tensor, dtype, shape in entries:
-        nbytes = math.prod(shape) * SIZES[dtype]
-        header[tensor] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)) + blob)
-        handle.truncate(8 + len(blob) + offset)  # a hole: no data blocks on disk
-    return offset
-
-
 def write_sparse_base(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    groups: list[list[Entry]] = [[]]
-    size = 0
-    for entry in tensors():
-        nbytes = math.prod(entry[2]) * SIZES[entry[1]]
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += nbytes
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):06d}.safetensors"
-        total += write_sparse(directory / name, group)
-        weight_map.update({tensor: name for tensor, _, _ in group})
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
+    write_sparse_shards(directory, tensors(), SHARD_BYTES)
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "kimi_k2",
@@ -191,18 +158,7 @@ def main(argv: list[str]) -> int:
     print(f"sparse base: {len(list(base.glob('*.safetensors')))} shards, {on_disk / 1e6:.1f} MB on disk")
     for dtype in ("keep", "bf16"):
         plan = make_plan(str(base), str(adapter), str(args.workdir / f"out-{dtype}"), output_dtype=dtype)
-        peaks = sorted(s.peak_bytes(plan.job.adapter) for s in plan.shards)
-        touched = [s for s in plan.shards if s.touched]
-        computed = sum(t.base.nbytes for s in plan.shards for t in s.tensors if t.computed)
-        written = sum(e.nbytes for s in plan.shards for e in s.output_entries())
-        copied = [s for s in plan.shards if s.copies_base_bytes()]
-        print(
-            f"--output-dtype {dtype}: {len(plan.shards)} shards, {sum(s.base_size for s in plan.shards) / 1e9:.1f} "
-            f"GB in, {written / 1e9:.1f} GB of tensors out, {sum(len(s.touched) for s in plan.shards)} weights "
-            f"touched in {len(touched)} shards, {computed / 1e9:.1f} GB of stored tensors computed, {len(copied)} "
-            f"shards byte-identical; estimated peak per shard median {peaks[len(peaks) // 2] / 2**30:.2f} GiB, max "
-            f"{peaks[-1] / 2**30:.2f} GiB"
-        )
+        print(f"--output-dtype {dtype}: {plan_summary(plan)}")
     return 0
 
 
