@@ -6,8 +6,8 @@ earlier commit of it, and compare every output file's bytes.
 The earlier commit is checked out into a temporary git worktree and imported from there (its `core` only, in a
 subprocess), so both trees merge the same fixture: block-FP8 with float32 and with power-of-two (ue8m0) scales, each
 written in bf16 and re-quantized to FP8, tiled and on whole tensors. Every file of the merged checkpoint is compared
-(shards, index, config.json, side files); the tool's own manifest and report are not: they describe the run (its
-fingerprint, field names). Exit status 1 on any difference.
+(shards, index, config.json, side files), and the merge's fingerprint (so an output merged by the earlier commit
+resumes under this one); the tool's own manifest and report are not: they describe the run (field names). Exit status 1 on any difference.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from prefect_lora_merge.core.pipeline import merge_checkpoint
 base, adapter, out, mode, tile = sys.argv[1:6]
 if tile != "default":
     tiling.TILE_VALUES = int(tile)
-merge_checkpoint(base, adapter, out, output_dtype=mode)
+result = merge_checkpoint(base, adapter, out, output_dtype=mode)
 digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
            for p in sorted(Path(out).iterdir()) if p.is_file() and not p.name.startswith("lora-merge-")}
+digests["(the merge's fingerprint)"] = result.plan.fingerprint
 print(json.dumps(digests))
 """
 

@@ -105,7 +105,9 @@ def make_plan(
             base_versions=versions,
             base_config=config_bytes,
             adapter=adapter_index,
-            output_dtype=mode,
+            # A block-FP8 base kept in FP8 is hashed under the name that mode had while it was the only quantized
+            # format, so outputs merged before `keep` existed keep their identity (and resume).
+            output_dtype="fp8" if mode == "keep" and fmt is not None and fmt.key == "block-fp8" else mode,
         ),
     )
     return MergePlan(
