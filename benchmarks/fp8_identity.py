@@ -7,7 +7,8 @@ The earlier commit is checked out into a temporary git worktree and imported fro
 subprocess), so both trees merge the same fixture: block-FP8 with float32 and with power-of-two (ue8m0) scales, each
 written in bf16 and re-quantized to FP8, tiled and on whole tensors. Every file of the merged checkpoint is compared
 (shards, index, config.json, side files), and the merge's fingerprint (so an output merged by the earlier commit
-resumes under this one); the tool's own manifest and report are not: they describe the run (field names). Exit status 1 on any difference.
+resumes under this one); the tool's own manifest and report are not: they describe the run (field names). Exit
+status 1 on any difference.
 """
 
 from __future__ import annotations
