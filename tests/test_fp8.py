@@ -424,3 +424,20 @@ def test_cuda_gives_the_same_bytes_as_cpu(case, bf16_out, fp8_out, tmp_path):
         merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype=mode, device="cuda")
         for path in shards(reference):
             assert (out / path.name).read_bytes() == path.read_bytes(), (mode, path.name)
+
+
+def test_an_fp8_output_whose_records_an_earlier_version_wrote_resumes_with_its_survival_figures(
+    case, fp8_out, tmp_path
+):
+    """Before `keep` and INT4/MXFP4 existed, records called the figures `fp8_deltas` and the mode `fp8`: such an
+    output is still this merge (same fingerprint), its shards are not merged again, and their figures are kept."""
+    out = tmp_path / "merged"
+    shutil.copytree(fp8_out[0], out)
+    for record in (out / ".lora-merge" / "shards").glob("*.json"):
+        data = json.loads(record.read_text())
+        data["fp8_deltas"] = data.pop("delta_survivals")
+        record.write_text(json.dumps(data))
+    result = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
+    assert all(r.resumed for r in result.receipts)
+    figures = [d.tensor for r in result.receipts for d in r.delta_survivals]
+    assert sorted(figures) == sorted(d.tensor for r in fp8_out[1].receipts for d in r.delta_survivals) != []

@@ -18,7 +18,7 @@ import json
 import time
 from collections import Counter
 
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, Field
 
 from .errors import LoraMergeError, OutputLocationError
 from .formats.survival import DeltaSurvival
@@ -44,7 +44,8 @@ class ShardRecord(BaseModel):
     tensors: int
     touched: list[str]
     applied: list[str]  # adapter keys, once per application
-    delta_survivals: list[DeltaSurvival] = []  # per re-quantized weight: how much of its delta survived
+    # per re-quantized weight: how much of its delta survived (`fp8_deltas` in records of earlier versions)
+    delta_survivals: list[DeltaSurvival] = Field([], validation_alias=AliasChoices("delta_survivals", "fp8_deltas"))
 
 
 class ShardReceipt(ShardRecord):
