@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import struct
 
 import pytest
@@ -31,6 +32,7 @@ from prefect_lora_merge.core.formats.int4_packed import (
     pack,
     quantize,
     requantize,
+    unmergeable_settings,
     unpack,
 )
 from prefect_lora_merge.core.safetensors_format import TensorEntry, dtype_name
@@ -438,14 +440,15 @@ def test_other_formats_are_not_this_one(config):
         ({"actorder": "group"}, "actorder 'group'"),
     ],
 )
-def test_settings_this_module_cannot_merge_are_refused_naming_the_option(change, message):
+def test_weights_of_settings_this_module_cannot_merge_are_left_to_the_refusals_with_the_option_named(change, message):
+    """Not this format's weights (so a merge that does not touch them copies them as bytes), and why, option by
+    option, for the refusal of a merge that does."""
     quantization = copy.deepcopy(KIMI_QUANTIZATION)
     quantization["config_groups"]["group_0"]["weights"].update(change)
-    with pytest.raises(
-        CheckpointFormatError,
-        match=f"base/config.json: quantization_config.config_groups.group_0.weights has {message}",
-    ):
-        FORMAT.detect({"quantization_config": quantization}, _refs({EXPERT: (64, 256)}), "base/config.json")
+    config = {"quantization_config": quantization}
+    assert FORMAT.detect(config, _refs({EXPERT: (64, 256)}), "base") == {}
+    (why,) = unmergeable_settings(config)
+    assert re.search(f"quantization_config.config_groups.group_0.weights has {message}", why), why
 
 
 def _broken(refs: dict, name: str, **changes) -> None:

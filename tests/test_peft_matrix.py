@@ -274,7 +274,8 @@ def assert_quantized_refusal(base: Path, adapter: Path, out: Path, *fragments: s
         make_plan(str(base), str(adapter), str(out))
     message = str(error.value)
     for fragment in fragments + (
-        "bases are not supported yet (the tool merges into block-FP8",
+        "bases are not supported yet",
+        "(the tool merges into block-FP8",
         "merge into the unquantized base",
     ):
         assert fragment in message, message
@@ -365,6 +366,46 @@ def test_an_adapter_on_a_compressed_tensors_pack_quantized_base_merges_into_its_
     written = output_tensors(root / "w4a16-bf16")
     assert written["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert not [k for k in written if k.endswith(("weight_packed", "weight_scale", "weight_shape"))]
+
+
+def test_pack_quantized_settings_this_tool_cannot_merge_are_refused_naming_the_option_only_when_touched(
+    unquantized_llama,
+):
+    root, q_proj, lm_head = unquantized_llama
+    config = _compressed_tensors_config("pack-quantized")
+    config["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    base = _rewrite(root / "base", root / "asymmetric", _packed, config)
+    assert_quantized_refusal(
+        base,
+        q_proj,
+        root / "asymmetric-out",
+        "is a quantized checkpoint (compressed-tensors pack-quantized",
+        "config_groups.group_0.weights has symmetric false",
+        "q_proj.weight_packed",
+    )
+    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "asymmetric-lm_head")
+
+
+def test_a_bf16_output_is_refused_where_quantized_weights_it_cannot_dequantize_would_lose_their_config(
+    unquantized_llama,
+):
+    """Two config groups: the experts-like projections in a group the tool merges, the others in one it cannot;
+    bf16 would drop quantization_config under the ones left quantized."""
+    root, _, lm_head = unquantized_llama
+    config = _compressed_tensors_config("pack-quantized")
+    other = json.loads(json.dumps(config["config_groups"]["group_0"]))
+    other["weights"]["num_bits"] = 8
+    config["config_groups"] = {
+        "group_0": {**config["config_groups"]["group_0"], "targets": ["re:.*mlp.*"]},
+        "group_1": {**other, "targets": ["re:.*self_attn.*"]},
+    }
+    base = _rewrite(root / "base", root / "mixed", _packed, config)
+    with pytest.raises(
+        UnsupportedBaseError, match="--output-dtype bf16 dequantizes .*num_bits 8.*use --output-dtype keep"
+    ):
+        make_plan(str(base), str(lm_head), str(root / "mixed-out"))
+    kept = merge_checkpoint(str(base), str(lm_head), str(root / "mixed-keep"), output_dtype="keep")
+    assert kept.report.passed, kept.report.failures
 
 
 def test_a_compressed_tensors_format_this_tool_does_not_merge_is_refused_by_name(unquantized_llama):

@@ -40,7 +40,7 @@ import torch
 from ..errors import CheckpointFormatError
 from ..safetensors_format import torch_dtype
 from ..tiling import TileMerge, tiles
-from .base import NonFiniteValues, QuantizedWeight, TensorRef, quantization_config
+from .base import NonFiniteValues, QuantizedWeight, TensorRef, listed, quantization_config
 from .survival import DeltaSurvival, SurvivalSums
 
 KEY = "int4-pack-quantized"
@@ -272,11 +272,7 @@ class Int4PackQuantized:
                 if weight is not None:
                     weights[weight.name] = weight
         if problems:
-            raise CheckpointFormatError(
-                f"{where} is not a {LABEL} checkpoint this tool can read: "
-                + "; ".join(problems[:5])
-                + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            )
+            raise CheckpointFormatError(f"{where} is not a {LABEL} checkpoint this tool can read: {listed(problems)}")
         return weights
 
     def dequantize(
@@ -364,12 +360,30 @@ def _declared_schemes(config: dict[str, Any], where: str) -> list[tuple[str, lis
         if (scheme.get("format") or quant.get("format")) != "pack-quantized":
             continue
         key = f"{path}.config_groups.{group_name}.weights"
-        schemes.append((group_name, list(scheme.get("targets") or []), _settings(scheme["weights"], key, where)))
+        settings, _ = _settings(scheme["weights"], key)
+        schemes.append((group_name, list(scheme.get("targets") or []), settings))
     return schemes
 
 
-def _settings(weights: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    """A pack-quantized group's weight settings, refused with the option named where this module cannot merge them."""
+def unmergeable_settings(config: dict[str, Any]) -> list[str]:
+    """Why the pack-quantized groups this module cannot merge are so, option by option: their weights are left to
+    `unsupported` (copied when untouched, refused by name when touched)."""
+    found = quantization_config(config)
+    groups = found[1].get("config_groups") if found else None
+    if not isinstance(groups, dict):
+        return []
+    problems = []
+    for group_name, scheme in groups.items():
+        if isinstance(scheme, dict) and isinstance(scheme.get("weights"), dict):
+            if (scheme.get("format") or found[1].get("format")) == "pack-quantized":
+                _, problem = _settings(scheme["weights"], f"{found[0]}.config_groups.{group_name}.weights")
+                if problem:
+                    problems.append(problem)
+    return problems
+
+
+def _settings(weights: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A pack-quantized group's weight settings, or None and why this module cannot merge them (the option named)."""
     bits, kind, strategy, group = (weights.get(k) for k in ("num_bits", "type", "strategy", "group_size"))
     problem = None
     if bits != NUM_BITS:
@@ -377,10 +391,7 @@ def _settings(weights: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     elif kind != "int":
         problem = f"has type {kind!r}: only type int pack-quantized weights can be merged"
     elif weights.get("symmetric") is not True:
-        problem = (
-            "has symmetric false: asymmetric weights (zero points, weight_zero_point) are not supported yet; merge "
-            "into the unquantized model instead"
-        )
+        problem = "has symmetric false: asymmetric weights (zero points, weight_zero_point) are not supported yet"
     elif strategy not in STRATEGIES:
         problem = f"has strategy {strategy!r}: only {' and '.join(STRATEGIES)} scales are supported"
     elif strategy == "group" and not (isinstance(group, int) and not isinstance(group, bool) and group > 0):
@@ -392,8 +403,8 @@ def _settings(weights: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     elif weights.get("scale_dtype") is not None:
         problem = f"has scale_dtype {weights['scale_dtype']!r}: only scales in the weights' own dtype are supported"
     if problem is not None:
-        raise CheckpointFormatError(f"{where}: {key} {problem}")
-    return {"strategy": strategy, "group_size": group if strategy == "group" else None}
+        return None, f"{key} {problem}"
+    return {"strategy": strategy, "group_size": group if strategy == "group" else None}, None
 
 
 def _scheme_for(
@@ -408,6 +419,8 @@ def _scheme_for(
     if not matching:
         problems.append(f"{module}.weight_packed is in no pack-quantized config group's targets")
         return None
+    if any(settings is None for settings in matching):
+        return None  # a group this module cannot merge: its weights are refused when touched (unsupported.py)
     if any(settings != matching[0] for settings in matching):
         problems.append(f"{module}.weight_packed matches pack-quantized config groups with different settings")
         return None
@@ -416,7 +429,13 @@ def _scheme_for(
 
 def _targets(module: str, target: str) -> bool:
     if target.startswith("re:"):
-        return re.match(target.removeprefix("re:"), module) is not None
+        try:
+            return re.match(target.removeprefix("re:"), module) is not None
+        except re.error as exc:
+            raise CheckpointFormatError(
+                f"config.json quantization_config target {target!r} is not a valid regular expression ({exc}); fix "
+                "the config"
+            ) from None
     return target == module or target[:1].isupper()  # a class name ("Linear"): assumed to match
 
 
@@ -451,6 +470,9 @@ def _weight(
     assert scale is not None
     out, words = entry.shape
     columns = words * VALUES_PER_WORD
+    if columns == 0:
+        problems.append(f"{name} ({packed.file}) is {list(entry.shape)}: a weight with no input features")
+        return None
     group = settings["group_size"] or columns
     expected = (out, math.ceil(columns / group))
     stored = scale.entry.shape

@@ -20,6 +20,7 @@ from ..errors import UnsupportedBaseError
 from ..safetensors_format import FLOAT_DTYPES, TensorEntry
 from . import FORMATS
 from .base import quantization_config
+from .int4_packed import unmergeable_settings
 
 # (stored tensor name pattern, the weight's name as modules see it, the format) for formats whose companion tensors
 # say what they are. Each `weight` group is what an adapter targets.
@@ -53,6 +54,7 @@ class UnsupportedBase(BaseModel):
     where: str  # the base, for messages
     method: str | None  # config.json's quantization_config.quant_method
     weights: dict[str, UnsupportedWeight]
+    why: str | None = None  # the settings of a format the tool reads that make these weights unmergeable
 
     def refusal(self, touched: list[UnsupportedWeight]) -> UnsupportedBaseError:
         first = touched[0]
@@ -62,7 +64,8 @@ class UnsupportedBase(BaseModel):
         return UnsupportedBaseError(
             f"{self.where} is a quantized checkpoint ({first.scheme}{declared}): the adapter changes "
             f"{len(touched)} quantized weight(s) ({first.name}{stored}{more}), and {first.scheme} bases are not "
-            f"supported yet (the tool merges into {', '.join(f.label for f in FORMATS)} ones); merge into the "
+            f"supported yet{f' ({self.why})' if self.why else ''} (the tool merges into "
+            f"{', '.join(f.label for f in FORMATS)} ones); merge into the "
             "unquantized base this checkpoint was quantized from (then quantize the merged output again if needed)"
         )
 
@@ -101,7 +104,8 @@ def find_quantized(
             weights[stored] = UnsupportedWeight(name=stored, scheme=declared, stored=stored)
     if not weights:
         return None
-    return UnsupportedBase(where=where, method=method, weights=weights)
+    why = "; ".join(unmergeable_settings(config)) if method == "compressed-tensors" else ""
+    return UnsupportedBase(where=where, method=method, weights=weights, why=why or None)
 
 
 def _declared_scheme(config: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..adapter import load_adapter_index
+from ..errors import UnsupportedBaseError
 from ..fingerprint import merge_fingerprint
 from ..formats.unsupported import find_quantized
 from ..storage import Location, refuse_output_inside_inputs
@@ -60,6 +61,15 @@ def make_plan(
     visible = {n: e for n, e in catalog.items() if n not in parts}
     resolver = NameResolver({**visible, **resolver_entries(weights)}, config)
     unsupported = find_quantized(base_loc.uri, config, catalog, supported=parts)
+    if fmt is not None and mode == "bf16" and unsupported is not None:
+        # bf16 drops quantization_config, which the weights left quantized would still need to be read at all.
+        first = min(unsupported.weights.values(), key=lambda w: w.name)
+        raise UnsupportedBaseError(
+            f"--output-dtype bf16 dequantizes {base_loc.uri}'s {fmt.label} weights and removes quantization_config, "
+            f"but {len(unsupported.weights)} other quantized weight(s) ({first.name}: {first.scheme}"
+            f"{f', {unsupported.why}' if unsupported.why else ''}) cannot be dequantized by this tool and would lose "
+            "the config that describes them; use --output-dtype keep"
+        )
     updates, usage, config_updates = plan_updates(adapter_index, resolver, config, set(weights), unsupported)
     roles = quantized_roles(weights, updates, mode)
     config_removals = quantization_config_keys(config) if fmt is not None and mode == "bf16" else ()
