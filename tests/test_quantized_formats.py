@@ -103,3 +103,50 @@ def test_the_older_names_of_keep_still_work_where_they_meant_something(case, tmp
             make_plan(*inputs, output_dtype="fp8")
     params = MergeParameters(base=inputs[0], adapter=inputs[1], output=inputs[2], fp8_min_cosine=0.5)
     assert params.min_delta_cosine == 0.5
+
+
+def test_a_kept_shard_merge_reads_each_stored_part_once_and_its_estimate_counts_the_parts_computed_ahead(
+    case, merged, monkeypatch, tmp_path
+):
+    """safetensors stores larger dtypes first (scales before FP8 codes, I64 shapes before I32 packed words): the
+    first part of a weight met computes every part, and the later ones are written from that, not read again with
+    the others. What waits meanwhile is in the plan's memory estimate."""
+    from prefect_lora_merge.core import merge as merge_module
+    from prefect_lora_merge.core.plan.memory import computing_parts
+    from prefect_lora_merge.core.storage import Location
+
+    label, built = case
+    _, result = merged["keep"]
+    reads: dict[str, int] = {}
+    real = Location.read_into
+
+    def counted(self, name, offset, buffer):
+        reads[name] = reads.get(name, 0) + len(buffer)
+        return real(self, name, offset, buffer)
+
+    monkeypatch.setattr(Location, "read_into", counted)
+    for shard in result.plan.shards:
+        if shard.copies_base_bytes():
+            continue
+        reads.clear()
+        merge_module.merge_shard(
+            result.plan.job.model_copy(update={"output": Location.parse(str(tmp_path / shard.file.replace(".", "-")))}),
+            shard,
+        )
+        wanted = {shard.file: sum(t.base.nbytes for t in shard.tensors if not t.dropped and t.source is None)}
+        computing = computing_parts(shard)
+        for t in shard.tensors:
+            if t.name in computing:
+                for ref in t.quantized.others:
+                    wanted[ref.file] = wanted.get(ref.file, 0) + (ref.entry.nbytes if ref.file != shard.file else 0)
+            if t.source is not None:
+                wanted[t.source.file] = wanted.get(t.source.file, 0) + t.source.entry.nbytes
+        assert reads == {f: n for f, n in wanted.items() if n}, (label, shard.file)
+        ahead = sum(
+            ref.entry.nbytes
+            for t in shard.tensors
+            if t.name in computing and t.quantized.write == "requantized"
+            for ref in t.quantized.others
+            if ref.file == shard.file
+        )
+        assert shard.peak_bytes(result.plan.job.adapter) >= ahead

@@ -31,6 +31,7 @@ from .formats.base import NonFiniteValues, QuantizedWeight
 from .formats.survival import DeltaSurvival
 from .lora_math import Fetch, all_finite, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
+from .plan.memory import computing_parts
 from .resources import DEVICE_PATTERN
 from .safetensors_format import encode_header, read_header, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
@@ -115,6 +116,11 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
         or header.tensors != tuple(t.base for t in shard.tensors if t.source is None)
     ):
         raise _changed_since_planned(base.describe(shard.file))
+    # The other shards this one reads from (a quantized weight's parts, an untied head's embedding) must be as
+    # planned too: their offsets come from the plan.
+    for file in sorted(_files_read_from(shard) - {shard.file}):
+        if base.version(file) != job.base_versions.get(file):
+            raise _changed_since_planned(base.describe(file))
     adapter = job.adapter
     if adapter.location.version(adapter.file) != adapter.version:
         raise LoraMergeError(
@@ -184,6 +190,17 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     )
     write_record(job.output, receipt.record())
     return receipt
+
+
+def _files_read_from(shard: ShardPlan) -> set[str]:
+    """Every base file a merge of `shard` reads."""
+    files = {shard.file}
+    for tensor in shard.tensors:
+        if tensor.source is not None:
+            files.add(tensor.source.file)
+        if tensor.quantized is not None:
+            files.update(ref.file for ref in tensor.quantized.others)
+    return files
 
 
 def _changed_since_planned(what: str) -> CheckpointFormatError:
@@ -351,7 +368,7 @@ def _quantized_tensor(
         out.copy_(done)
         return survival
     role = planned.quantized
-    assert role is not None and segment.others is not None, "a quantized part is read with its weight's others"
+    assert role is not None and segment.others is not None, "a part that computes is read with its weight's others"
     weight = role.weight
     fmt = weight_format(weight.format)
     views = {role.role: segment.data, **segment.others}
@@ -447,12 +464,23 @@ def _segments(shard: ShardPlan) -> Iterator[tuple[PlannedTensor | None, str, int
                 yield from _chunks(tensor.source.file, begin, end)
 
 
-def _others(tensor: PlannedTensor | None) -> list[tuple[str, TensorRef]]:
-    """The other stored parts of a quantized weight that computing `tensor` needs, by role."""
-    if tensor is None or tensor.quantized is None:
+def _others(tensor: PlannedTensor | None, computing: set[str]) -> list[tuple[str, TensorRef]]:
+    """The other stored parts of a quantized weight that computing `tensor` needs, by role: none for a part its
+    weight's first part in this shard already computed (`computing_parts`)."""
+    if tensor is None or tensor.quantized is None or tensor.name not in computing:
         return []
     role = tensor.quantized
     return [(r, ref) for r, ref in role.weight.parts.items() if r != role.role]
+
+
+def _computed_ahead(tensor: PlannedTensor | None, computing: set[str]) -> bool:
+    """A re-quantized part its weight's first part in this shard computed (it waits in `kept`)."""
+    return (
+        tensor is not None
+        and tensor.quantized is not None
+        and tensor.quantized.write == "requantized"
+        and tensor.name not in computing
+    )
 
 
 def _chunks(file: str, begin: int, end: int) -> Iterator[tuple[None, str, int, int]]:
@@ -474,11 +502,15 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
     def may_read(size: int) -> bool:
         return stop.is_set() or in_flight == 0 or in_flight + size <= READ_AHEAD_BYTES
 
+    computing = computing_parts(shard)
+
     def reader() -> None:
         nonlocal in_flight
         try:
             for tensor, file, begin, end in _segments(shard):
-                others = _others(tensor)
+                others = _others(tensor, computing)
+                if _computed_ahead(tensor, computing):
+                    end = begin  # written from what its weight's first part computed: its own bytes are not needed
                 size = end - begin + sum(ref.entry.nbytes for _, ref in others)
                 with changed:
                     changed.wait_for(functools.partial(may_read, size))
@@ -486,7 +518,8 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
                         return
                     in_flight += size
                 data = pool.take(end - begin)
-                job.base.read_into(file, begin, data)
+                if end > begin:
+                    job.base.read_into(file, begin, data)
                 extra = None
                 if others:
                     extra = {}

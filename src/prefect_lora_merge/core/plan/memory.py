@@ -21,7 +21,16 @@ def shard_peak_bytes(shard: ShardPlan, adapter: AdapterIndex) -> int:
     for a re-quantization, on top of the largest products B @ A of tiled merges, which the workspace keeps."""
     products = work = largest_read = largest_result = 0
     written = {e.name: e.nbytes for e in shard.output_entries()}
+    computing = computing_parts(shard)
+    kept = most_kept = 0  # re-quantized parts computed ahead of their place in the shard, waiting to be written
     for t in shard.tensors:
+        if t.quantized is not None and t.quantized.write == "requantized":
+            if t.name in computing:
+                kept += sum(ref.entry.nbytes for ref in t.quantized.others if ref.file == shard.file)
+                most_kept = max(most_kept, kept)
+            else:
+                kept -= t.base.nbytes
+                continue  # written from what its weight's first part computed
         if not t.computed:
             continue
         updates = t.weight_updates
@@ -42,4 +51,20 @@ def shard_peak_bytes(shard: ShardPlan, adapter: AdapterIndex) -> int:
         work = max(work, copies * values + adapter_bytes)
         largest_result = max(largest_result, written.get(t.name, 0))
     buffers = max(READ_AHEAD_BYTES, largest_read) + max(WRITE_BEHIND_BYTES, largest_result) + POOLED_BYTES
-    return products + work + buffers
+    return products + work + buffers + most_kept
+
+
+def computing_parts(shard: ShardPlan) -> set[str]:
+    """The tensors of `shard` whose merge computes a quantized weight: every dequantized one, and the first stored
+    part (in data order) of each re-quantized weight, which computes all the weight's parts at once; the weight's
+    later parts in the shard are written from that (`merge._quantized_tensor`), and read without its other parts."""
+    computing: set[str] = set()
+    seen: set[str] = set()
+    for t in shard.tensors:
+        if t.quantized is None or t.dropped:
+            continue
+        weight = t.quantized.weight.name
+        if t.quantized.write == "dequantized" or weight not in seen:
+            computing.add(t.name)
+        seen.add(weight)
+    return computing
