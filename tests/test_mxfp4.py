@@ -299,6 +299,17 @@ def test_detect_refuses_broken_mxfp4_tensors_naming_each_one():
     assert f"{p.format(4)}_scales (model-00001-of-00001.safetensors) has no {p.format(4)}_blocks" in message
 
 
+def test_detect_refuses_blocks_stored_beside_an_unquantized_copy_of_the_same_weight():
+    p = "model.layers.0.mlp.experts.gate_up_proj"
+    refs = _header_refs(
+        [(f"{p}_blocks", "U8", (4, 128, 3, 16)), (f"{p}_scales", "U8", (4, 128, 3)), (p, "BF16", (4, 96, 128))]
+    )
+    with pytest.raises(
+        CheckpointFormatError, match=f"{p}_blocks .* is stored beside an unquantized {p} .*remove the stale"
+    ):
+        FORMAT.detect(GPT_OSS_CONFIG, refs, "base")
+
+
 def test_detect_refuses_an_mxfp4_config_over_a_base_without_blocks():
     refs = _header_refs([("model.layers.0.mlp.experts.gate_up_proj", "BF16", (4, 96, 128))])
     with pytest.raises(CheckpointFormatError, match="quant_method is mxfp4 but no tensor is named <weight>_blocks"):

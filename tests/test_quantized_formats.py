@@ -150,3 +150,21 @@ def test_a_kept_shard_merge_reads_each_stored_part_once_and_its_estimate_counts_
             if ref.file == shard.file
         )
         assert shard.peak_bytes(result.plan.job.adapter) >= ahead
+
+
+def test_a_trained_copy_of_another_shape_for_a_quantized_weight_is_refused_before_anything_is_written(case, tmp_path):
+    """modules_to_save of a quantized weight with more rows (a resized vocabulary, say) cannot be written in a format
+    whose scales cover the base's shape: refused, naming the tensor."""
+    from checkpoint_tools import copy_adapter, edit_adapter_tensors
+
+    label, built = case
+    plan = make_plan(str(built.base_dir), str(built.adapter_dir), str(tmp_path / "plan"))
+    weight = next(t.quantized.weight for s in plan.shards for t in s.tensors if t.quantized is not None)
+    adapter = copy_adapter(built.adapter_dir, tmp_path / "adapter")
+    key = f"base_model.model.{weight.name}"
+    edit_adapter_tensors(
+        adapter, lambda tensors: tensors.update({key: torch.zeros(weight.shape[0] + 1, *weight.shape[1:])})
+    )
+    with pytest.raises(LoraMergeError, match=f"would replace the quantized weight {weight.name}"):
+        make_plan(str(built.base_dir), str(adapter), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

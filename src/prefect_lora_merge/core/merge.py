@@ -67,8 +67,8 @@ def keep_large_buffers_off_the_heap() -> None:
     A merge allocates and frees buffers of tens of MiB, from two threads. glibc's adaptive threshold otherwise puts
     them on heap arenas that fragment and never shrink: measured on a 2 GB llama, peak RSS grew with the shard size
     (981 MiB at 500 MB shards) instead of staying near the working set (554 MiB with this setting). Setting the
-    threshold also fixes the trim threshold at 128 KiB, which hands the FP8 tiles' 1 MiB temporaries back to the
-    OS after every operation: page faults then cost ~30% of a re-quantization on 2 cores.
+    threshold also fixes the trim threshold at 128 KiB, which hands the quantized formats' 1 MiB tile temporaries
+    back to the OS after every operation: page faults then cost ~30% of a re-quantization on 2 cores.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -331,9 +331,11 @@ class _TensorCheck:
             )
         differ = None if rounded is None else _bits(stored) != _bits(rounded)
         flips = 0 if differ is None else int((differ if finite is None else differ & finite).sum())
-        if flips > FLIP_LIMIT * got.numel():
+        # Stored units: a packed word (8 INT4 values) or byte (2 MXFP4 values) differs when any of its values does.
+        units = stored.numel()
+        if flips > FLIP_LIMIT * units:
             problems.append(
-                f"{where}: {100 * flips / got.numel():.1f}% of the values differ from base + adapter recomputed in "
+                f"{where}: {100 * flips / units:.1f}% of the stored values differ from base + adapter recomputed in "
                 f"float64 and rounded (a correct merge differs in under {100 * FLIP_LIMIT:g}%): the adapter's change "
                 "is missing or wrong there"
             )

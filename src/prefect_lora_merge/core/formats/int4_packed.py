@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointFormatError
+from ..lora_math import all_finite
 from ..safetensors_format import torch_dtype
 from ..tiling import TileMerge, tiles
 from .base import NonFiniteValues, QuantizedWeight, TensorRef, listed, quantization_config
@@ -104,7 +105,7 @@ def quantize(
     scales = torch.empty((rows, cols // group), dtype=scale_dtype, device=values.device)
     for tile_rows, tile_cols in tiles(values.shape, values.device, (1, _block(group))):
         tile = values[tile_rows, tile_cols].to(torch.float32)
-        if not _finite(tile):
+        if not all_finite(tile):
             raise NonFiniteValues(f"{tensor}: NaN/Inf at rows {tile_rows.start}–{tile_rows.stop - 1}")
         codes, grid, _ = _encoded(tile, group, scale_dtype)
         packed[tile_rows, _words(tile_cols)] = pack(codes)
@@ -125,7 +126,7 @@ def requantize(
         words, groups = _words(cols), _groups(cols, group)
         base = _decoded(packed[rows, words], scale[rows, groups], group)
         merged = merge(base, rows, cols)
-        if not _finite(merged):
+        if not all_finite(merged):
             raise NonFiniteValues(f"{tensor}: the merged values hold NaN/Inf at rows {rows.start}–{rows.stop - 1}")
         codes, grid, realised = _encoded(merged, group, scale.dtype)
         new_packed[rows, words] = pack(codes)
@@ -233,14 +234,6 @@ _GRID_CANDIDATES = (
     lambda extreme, dtype: _next((extreme / 7).to(dtype), -1),
     lambda extreme, dtype: _next((extreme / 7).to(dtype), 1),
 )
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: one min/max reduction (NaN propagates into both)."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 # -- the format ----------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 from .. import tiling
 from ..errors import CheckpointFormatError
 from ..tiling import TileMerge
-from .base import NonFiniteValues, QuantizedWeight, TensorRef, quantization_config
+from .base import NonFiniteValues, QuantizedWeight, TensorRef, listed, quantization_config
 from .survival import DeltaSurvival, SurvivalSums
 
 BLOCK = 32  # values per scale
@@ -262,6 +262,11 @@ class Mxfp4:
             weight = name[: -len("_blocks")]
             blocks, scales = refs[name], refs.get(f"{weight}_scales")
             problem = _problem(name, blocks, scales)
+            if problem is None and weight in refs:
+                problem = (
+                    f"{name} ({blocks.file}) is stored beside an unquantized {weight} ({refs[weight].file}): a "
+                    "weight is one or the other; remove the stale one"
+                )
             if problem:
                 problems.append(problem)
                 continue
@@ -277,11 +282,7 @@ class Mxfp4:
         if not weights and not problems:
             problems.append("quantization_config.quant_method is mxfp4 but no tensor is named <weight>_blocks")
         if problems:
-            raise CheckpointFormatError(
-                f"{where}: not an MXFP4 checkpoint this tool can read: "
-                + "; ".join(problems[:5])
-                + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            )
+            raise CheckpointFormatError(f"{where}: not an MXFP4 checkpoint this tool can read: {listed(problems)}")
         return weights
 
     def dequantize(
@@ -323,7 +324,7 @@ class Mxfp4:
         values = table[codes].reshape(-1, out, inputs // BLOCK, BLOCK)
         factor = torch.pow(2.0, scales.to(torch.float64) - SCALE_BIAS).reshape(-1, out, inputs // BLOCK, 1)
         logical = (values * factor).reshape(-1, out, inputs).transpose(1, 2).reshape(-1, out)
-        start = rows.start - (rows.start // inputs) * inputs
+        start = rows.start % inputs
         return logical[start : start + (rows.stop - rows.start)]
 
     def rounding(
@@ -337,7 +338,7 @@ class Mxfp4:
         scales = parts["scales"].to(torch.float64).reshape(-1, out, inputs // BLOCK, 1)
         quarter = torch.pow(2.0, scales - SCALE_BIAS - 2).expand(-1, -1, -1, BLOCK)
         absolute = quarter.reshape(-1, out, inputs).transpose(1, 2).reshape(-1, out)
-        start = rows.start - (rows.start // inputs) * inputs
+        start = rows.start % inputs
         return 0.2, absolute[start : start + (rows.stop - rows.start)]
 
 

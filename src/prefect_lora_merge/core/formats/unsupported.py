@@ -74,7 +74,7 @@ def find_quantized(
     where: str, config: dict[str, Any], catalog: dict[str, TensorEntry], supported: set[str]
 ) -> UnsupportedBase | None:
     """The base's quantized weights, from their tensors' names and dtypes, or None when it has none. `supported`:
-    tensors of formats the tool merges (block-FP8 weights and their scale grids)."""
+    the stored parts of weights in formats the tool merges (`formats.FORMATS`)."""
     method, declared = _declared_scheme(config)
     weights: dict[str, UnsupportedWeight] = {}
     for stored, entry in catalog.items():

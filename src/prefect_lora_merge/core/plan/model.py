@@ -111,7 +111,7 @@ class ShardPlan(BaseModel):
 
     @property
     def written(self) -> list[PlannedTensor]:
-        """Tensors that go to the output (all but the scale grids of weights written in bf16)."""
+        """Tensors that go to the output (all but the other parts of quantized weights written in bf16)."""
         return [t for t in self.tensors if not t.dropped]
 
     def output_entries(self) -> tuple[TensorEntry, ...]:

@@ -177,6 +177,12 @@ def plan_updates(
                 f"tensor replacing {target} has; the adapter file is inconsistent"
             )
             continue
+        if new_shape != base_shape and target in quantized_weights:
+            problems.append(
+                f"{key}: shape {list(new_shape)} would replace the quantized weight {target} {list(base_shape)}; a "
+                "quantized weight keeps its shape; merge into the unquantized base to change it"
+            )
+            continue
         if new_shape != base_shape:
             if len(new_shape) == 2 and len(base_shape) == 2 and new_shape[1] == base_shape[1]:
                 config_updates.update(_vocab_update(config, base_shape[0], new_shape[0]))
