@@ -163,24 +163,29 @@ def plan_summary(plan) -> str:
     )
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("bench-work/scale"))
+def run(argv: list[str], doc: str, workdir: str, write_base, write_adapter, dtypes: tuple[str, ...]) -> int:
+    """Write the sparse base and adapter once (under --workdir), then print the plan of each output dtype."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
     p.add_argument("--rank", type=int, default=8)
     args = p.parse_args(argv)
     from prefect_lora_merge.core.plan import make_plan
 
     base, adapter = args.workdir / "base", args.workdir / "adapter"
     if not (base / "config.json").exists():
-        write_sparse_base(base)
+        write_base(base)
     if not (adapter / "adapter_config.json").exists():
         write_adapter(adapter, args.rank)
     on_disk = sum(os.stat(f).st_blocks * 512 for f in base.iterdir())
     print(f"sparse base: {len(list(base.glob('*.safetensors')))} shards, {on_disk / 1e6:.1f} MB on disk")
-    for dtype in ("fp8", "bf16"):
+    for dtype in dtypes:
         plan = make_plan(str(base), str(adapter), str(args.workdir / f"out-{dtype}"), output_dtype=dtype)
         print(f"--output-dtype {dtype}: {plan_summary(plan)}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run(argv, __doc__, "bench-work/scale", write_sparse_base, write_adapter, ("fp8", "bf16"))
 
 
 if __name__ == "__main__":

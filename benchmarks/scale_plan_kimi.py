@@ -13,13 +13,11 @@ header): rank-r LoRA on the attention projections and on every routed expert's g
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from scale_plan import plan_summary, write_sparse, write_sparse_shards
+from scale_plan import run, write_sparse, write_sparse_shards
 
 HIDDEN, DENSE_INTER, MOE_INTER, EXPERTS, LAYERS, DENSE_LAYERS = 7168, 18432, 2048, 384, 61, 1
 HEADS, Q_RANK, KV_RANK, ROPE, NOPE, V_DIM, VOCAB = 64, 1536, 512, 64, 128, 128, 163840
@@ -143,23 +141,7 @@ def write_adapter(directory: Path, rank: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("bench-work/scale-kimi"))
-    p.add_argument("--rank", type=int, default=8)
-    args = p.parse_args(argv)
-    from prefect_lora_merge.core.plan import make_plan
-
-    base, adapter = args.workdir / "base", args.workdir / "adapter"
-    if not (base / "config.json").exists():
-        write_sparse_base(base)
-    if not (adapter / "adapter_config.json").exists():
-        write_adapter(adapter, args.rank)
-    on_disk = sum(os.stat(f).st_blocks * 512 for f in base.iterdir())
-    print(f"sparse base: {len(list(base.glob('*.safetensors')))} shards, {on_disk / 1e6:.1f} MB on disk")
-    for dtype in ("keep", "bf16"):
-        plan = make_plan(str(base), str(adapter), str(args.workdir / f"out-{dtype}"), output_dtype=dtype)
-        print(f"--output-dtype {dtype}: {plan_summary(plan)}")
-    return 0
+    return run(argv, __doc__, "bench-work/scale-kimi", write_sparse_base, write_adapter, ("keep", "bf16"))
 
 
 if __name__ == "__main__":
