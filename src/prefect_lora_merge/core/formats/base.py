@@ -55,9 +55,6 @@ class QuantizedWeight(BaseModel):
     primary: str  # the role whose place in its shard the dequantized weight takes in a bf16 output
     params: dict[str, Any] = {}  # the format's own settings (block size, group size, power-of-two scales, ...)
 
-    def part(self, role: str) -> TensorRef:
-        return self.parts[role]
-
     @property
     def stored_names(self) -> tuple[str, ...]:
         return tuple(ref.entry.name for ref in self.parts.values())
@@ -124,13 +121,21 @@ class WeightFormat(Protocol):
         ...
 
 
+def quantization_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(dotted key, value) of each quantization_config in config.json: at the top, then in `text_config`
+    (multimodal checkpoints keep it there)."""
+    scopes = (("", config), ("text_config.", config.get("text_config")))
+    return [
+        (f"{path}quantization_config", scope["quantization_config"])
+        for path, scope in scopes
+        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict)
+    ]
+
+
 def quantization_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """(dotted key, value) of config.json's quantization_config, at the top or in `text_config` (multimodal
-    checkpoints keep it there), or None."""
-    for path, scope in (("", config), ("text_config.", config.get("text_config"))):
-        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict):
-            return f"{path}quantization_config", scope["quantization_config"]
-    return None
+    """The quantization_config that describes the weights (the top level's, else text_config's), or None."""
+    found = quantization_configs(config)
+    return found[0] if found else None
 
 
 def listed(problems: list[str], limit: int = 5) -> str:

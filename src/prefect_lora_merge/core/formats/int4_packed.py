@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -252,7 +253,7 @@ class Int4PackQuantized:
     work_copies = 5
 
     def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
-        schemes = _declared_schemes(config, where)
+        schemes = _declared_schemes(config)
         if not schemes:
             return {}
         weights: dict[str, QuantizedWeight] = {}
@@ -336,43 +337,36 @@ class Int4PackQuantized:
 # -- detection -----------------------------------------------------------------------------------------------------
 
 
-def _declared_schemes(config: dict[str, Any], where: str) -> list[tuple[str, list[str], dict[str, Any]]]:
-    """(name, targets, settings) of every config group that stores its weights pack-quantized; [] when the config
-    declares none. Refuses a pack-quantized group whose settings this module cannot merge."""
+def _pack_quantized_groups(
+    config: dict[str, Any],
+) -> Iterator[tuple[str, list[str], dict[str, Any] | None, str | None]]:
+    """(name, targets, settings, why not) of every compressed-tensors config group that stores its weights
+    pack-quantized: settings None, with the option named, where this module cannot merge them."""
     found = quantization_config(config)
     if found is None or found[1].get("quant_method") != "compressed-tensors":
-        return []
+        return
     path, quant = found
     groups = quant.get("config_groups")
     if not isinstance(groups, dict):
-        return []
-    schemes = []
+        return
     for group_name, scheme in groups.items():
         if not isinstance(scheme, dict) or not isinstance(scheme.get("weights"), dict):
             continue
         if (scheme.get("format") or quant.get("format")) != "pack-quantized":
             continue
-        key = f"{path}.config_groups.{group_name}.weights"
-        settings, _ = _settings(scheme["weights"], key)
-        schemes.append((group_name, list(scheme.get("targets") or []), settings))
-    return schemes
+        settings, problem = _settings(scheme["weights"], f"{path}.config_groups.{group_name}.weights")
+        yield group_name, list(scheme.get("targets") or []), settings, problem
+
+
+def _declared_schemes(config: dict[str, Any]) -> list[tuple[str, list[str], dict[str, Any] | None]]:
+    """(name, targets, settings) of every pack-quantized config group; [] when the config declares none."""
+    return [(name, targets, settings) for name, targets, settings, _ in _pack_quantized_groups(config)]
 
 
 def unmergeable_settings(config: dict[str, Any]) -> list[str]:
     """Why the pack-quantized groups this module cannot merge are so, option by option: their weights are left to
     `unsupported` (copied when untouched, refused by name when touched)."""
-    found = quantization_config(config)
-    groups = found[1].get("config_groups") if found else None
-    if not isinstance(groups, dict):
-        return []
-    problems = []
-    for group_name, scheme in groups.items():
-        if isinstance(scheme, dict) and isinstance(scheme.get("weights"), dict):
-            if (scheme.get("format") or found[1].get("format")) == "pack-quantized":
-                _, problem = _settings(scheme["weights"], f"{found[0]}.config_groups.{group_name}.weights")
-                if problem:
-                    problems.append(problem)
-    return problems
+    return [problem for *_, problem in _pack_quantized_groups(config) if problem]
 
 
 def _settings(weights: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None]:

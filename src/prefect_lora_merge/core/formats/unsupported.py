@@ -104,7 +104,7 @@ def find_quantized(
             weights[stored] = UnsupportedWeight(name=stored, scheme=declared, stored=stored)
     if not weights:
         return None
-    why = "; ".join(unmergeable_settings(config)) if method == "compressed-tensors" else ""
+    why = "; ".join(unmergeable_settings(config))  # [] unless compressed-tensors
     return UnsupportedBase(where=where, method=method, weights=weights, why=why or None)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from ..errors import CheckpointFormatError, LoraMergeError
 from ..formats import FORMATS, WeightFormat
-from ..formats.base import QuantizedWeight, TensorRef
+from ..formats.base import QuantizedWeight, TensorRef, quantization_configs
 from ..safetensors_format import ShardHeader, TensorEntry
 from ..update import Update
 from .model import QuantizedRole
@@ -78,12 +78,7 @@ def quantized_roles(
 
 def quantization_config_keys(config: dict[str, Any]) -> tuple[str, ...]:
     """Every quantization_config of config.json (the top level's and text_config's, where both have one)."""
-    text = config.get("text_config")
-    return tuple(
-        key
-        for key, scope in (("quantization_config", config), ("text_config.quantization_config", text))
-        if isinstance(scope, dict) and isinstance(scope.get("quantization_config"), dict)
-    )
+    return tuple(key for key, _ in quantization_configs(config))
 
 
 def mode_decision(fmt: WeightFormat, weights: dict[str, QuantizedWeight], updates: dict[str, Any], mode: str) -> str:
