@@ -121,3 +121,35 @@ def save_perturbed_adapter(model, lora, directory: Path, generator) -> None:
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
     peft_model.save_pretrained(directory)
+
+
+def stored_tensors(directory: Path) -> dict:
+    """Every tensor of a sharded checkpoint, by name."""
+    found: dict = {}
+    for path in shards(directory):
+        found.update(load_file(str(path)))
+    return found
+
+
+def stored_bytes(directory: Path) -> dict[str, bytes]:
+    """Every tensor's stored bytes, by name."""
+    found = {}
+    for path in shards(directory):
+        header, body = read_raw_header(path)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                found[name] = body[begin:end]
+    return found
+
+
+def published_digest(directory: Path) -> dict[str, str]:
+    """sha256 of an output's published files (the state directory is bookkeeping, the report records timings)."""
+    from prefect_lora_merge.core.plan import REPORT_FILE
+
+    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/") and k != REPORT_FILE}
+
+
+def touched_quantized_weights(result) -> list[str]:
+    """Logical names of the quantized weights a merge changed."""
+    return sorted({t.quantized.weight.name for s in result.plan.shards for t in s.touched if t.quantized is not None})

@@ -14,7 +14,12 @@ import sys
 
 import pytest
 import torch
-from checkpoint_tools import read_raw_header, shards
+from checkpoint_tools import (
+    read_raw_header,
+    shards,
+    stored_bytes,
+    stored_tensors,
+)
 from deepseek_fp8 import BLOCK, build, reference_dequantize, reference_quantize
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -47,25 +52,6 @@ def fp8_out(case, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "merged"
     result = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
     return out, result
-
-
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for path in shards(directory):
-        found.update(load_file(str(path)))
-    return found
-
-
-def _raw(directory) -> dict[str, bytes]:
-    """Every tensor's stored bytes, by name."""
-    found = {}
-    for path in shards(directory):
-        header, body = read_raw_header(path)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                found[name] = body[begin:end]
-    return found
 
 
 def _attention_deltas(case) -> dict[str, torch.Tensor]:
@@ -115,7 +101,7 @@ def test_kimi_k2_takes_the_same_path(case, tmp_path):
 def test_bf16_output_equals_dequantize_plus_delta_rounded_once(case, bf16_out):
     out, result = bf16_out
     assert result.report.passed
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     deltas = _attention_deltas(case)
     for name in case.quantized:
         dequantized = reference_dequantize(base[name], base[f"{name}_scale_inv"])
@@ -129,7 +115,7 @@ def test_bf16_output_equals_dequantize_plus_delta_rounded_once(case, bf16_out):
 
 def test_bf16_output_keeps_everything_else_exactly(case, bf16_out):
     out, _ = bf16_out
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     kept = [n for n in base if n not in case.quantized and not n.endswith("_scale_inv")]
     assert any(n.endswith("e_score_correction_bias") for n in kept) and any(".layers.3." in n for n in kept)
     for name in kept:
@@ -174,7 +160,7 @@ def test_bf16_output_loads_in_transformers_and_matches_peft_on_the_dequantized_m
 def test_fp8_output_keeps_untouched_fp8_weights_and_scales_byte_for_byte(case, fp8_out):
     out, result = fp8_out
     assert result.report.passed
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     assert set(merged) == set(base)
     touched = {t.name for s in result.plan.shards for t in s.touched}
     untouched = [n for n in case.quantized if n not in touched]
@@ -192,7 +178,7 @@ def test_fp8_output_keeps_untouched_fp8_weights_and_scales_byte_for_byte(case, f
 
 def test_fp8_output_requantizes_touched_weights_with_fresh_scales_wherever_the_scales_live(case, fp8_out):
     out, result = fp8_out
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     deltas = _attention_deltas(case)
     for name, delta in deltas.items():
         intended = reference_dequantize(base[name], base[f"{name}_scale_inv"]) + delta
@@ -226,7 +212,7 @@ def test_fp8_output_reports_how_much_of_each_delta_survived(case, fp8_out):
     touched = sorted(t.name for s in result.plan.shards for t in s.touched if t.quantized is not None)
     figures = {d.tensor: d for r in result.receipts for d in r.delta_survivals}
     assert sorted(figures) == touched
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     for name, delta in _attention_deltas(case).items():
         realised = reference_dequantize(merged[name], merged[f"{name}_scale_inv"]) - reference_dequantize(
             base[name], base[f"{name}_scale_inv"]
@@ -253,7 +239,7 @@ def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, fp8_o
     file = index["weight_map"][name]
     header, body = read_raw_header(out / file)
     begin, end = header[name]["data_offsets"]
-    base_codes = _raw(case.base_dir)[name]
+    base_codes = stored_bytes(case.base_dir)[name]
     raw = bytearray((out / file).read_bytes())
     start = len(raw) - len(body) + begin
     raw[start : start + end - begin] = base_codes
@@ -278,7 +264,7 @@ def test_a_delta_that_does_not_survive_fails_the_shard_past_the_users_threshold(
 
 
 def test_an_untouched_weight_survives_dequantize_and_requantize_exactly(case):
-    base = _tensors(case.base_dir)
+    base = stored_tensors(case.base_dir)
     for name in case.quantized:
         codes, scales = base[name], base[f"{name}_scale_inv"]
         again_codes, again_scales = quantize(dequantize(codes, scales, (BLOCK, BLOCK)), (BLOCK, BLOCK))
@@ -303,7 +289,7 @@ def test_ue8m0_checkpoints_are_requantized_with_power_of_two_scales(tmp_path):
     out = tmp_path / "merged"
     result = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="fp8")
     assert result.report.passed
-    merged = _tensors(out)
+    merged = stored_tensors(out)
     for name in {t.name for s in result.plan.shards for t in s.touched if t.quantized is not None}:
         grid = merged[f"{name}_scale_inv"]
         assert torch.equal(torch.log2(grid), torch.log2(grid).round()), name

@@ -16,7 +16,14 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_tools import read_raw_header, shards, tree_digest
+from checkpoint_tools import (
+    published_digest,
+    read_raw_header,
+    shards,
+    stored_bytes,
+    stored_tensors,
+    touched_quantized_weights,
+)
 from kimi_int4 import ATTENTION, GROUP, build, library_compress, library_decompress
 from peft import LoraConfig, PeftModel, get_peft_model
 from s3_server import BUCKET
@@ -91,25 +98,6 @@ def attention_keep_out(case, attention_adapter, tmp_path_factory):
     return out, result
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for path in shards(directory):
-        found.update(load_file(str(path)))
-    return found
-
-
-def _raw(directory) -> dict[str, bytes]:
-    """Every tensor's stored bytes, by name."""
-    found = {}
-    for path in shards(directory):
-        header, body = read_raw_header(path)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                found[name] = body[begin:end]
-    return found
-
-
 def _per_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers state dict under checkpoint names: fused `experts.gate_up_proj` [E, 2I, H] and
     `experts.down_proj` [E, H, I] become `experts.<e>.{gate,up,down}_proj.weight`, as Kimi stores them."""
@@ -135,16 +123,6 @@ def _module(weight: str) -> str:
 
 def _parts(tensors: dict[str, torch.Tensor], weight: str) -> dict[str, torch.Tensor]:
     return {part: tensors[f"{_module(weight)}.{part}"] for part in PARTS}
-
-
-def _published(directory) -> dict[str, str]:
-    """sha256 of the published files (the state directory is bookkeeping, the report records timings)."""
-    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/") and k != REPORT_FILE}
-
-
-def _touched_weights(result) -> list[str]:
-    """Logical names of the quantized weights the merge re-quantized."""
-    return sorted({t.quantized.weight.name for s in result.plan.shards for t in s.touched if t.quantized is not None})
 
 
 # -- recognising the format --------------------------------------------------------------------------------------
@@ -184,7 +162,7 @@ def test_without_its_quantization_config_the_packed_experts_are_refused_naming_t
 def test_bf16_output_equals_the_librarys_dequantization_plus_peft_delta_rounded_once(case, bf16_out, oracle):
     out, result = bf16_out
     assert result.report.passed
-    merged, dequantized = _tensors(out), load_file(str(case.dequantized_dir / "model.safetensors"))
+    merged, dequantized = stored_tensors(out), load_file(str(case.dequantized_dir / "model.safetensors"))
     assert set(merged) == set(oracle)
     for name, value in merged.items():
         expected = oracle[name] if name.endswith("e_score_correction_bias") else oracle[name].to(torch.bfloat16)
@@ -198,20 +176,20 @@ def test_bf16_output_of_an_untouched_expert_is_the_librarys_decompress(case, att
     out = tmp_path / "merged"
     result = merge_checkpoint(str(case.base_dir), str(attention_adapter), str(out), output_dtype="bf16")
     assert result.report.passed
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     for name in case.quantized:
         assert torch.equal(merged[name], library_decompress(_parts(base, name))), name
 
 
 def test_bf16_output_drops_quantization_config_and_keeps_everything_else_exactly(case, bf16_out):
     out, _ = bf16_out
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     kept = [n for n in base if not n.endswith(PARTS) and ".self_attn." not in n]
     assert any(n.endswith("e_score_correction_bias") for n in kept) and any("shared_experts" in n for n in kept)
     for name in kept:
         assert merged[name] == base[name], f"{name} changed"
     headers = {n: e for p in shards(out) for n, e in read_raw_header(p)[0].items() if n != "__metadata__"}
-    shapes = _tensors(case.base_dir)
+    shapes = stored_tensors(case.base_dir)
     for name in case.quantized:
         assert headers[name]["dtype"] == "BF16", name
         assert headers[name]["shape"] == shapes[f"{_module(name)}.weight_shape"].tolist(), name
@@ -264,8 +242,8 @@ def test_keep_with_an_attention_only_adapter_leaves_every_expert_and_untouched_s
 ):
     out, result = attention_keep_out
     assert result.report.passed
-    assert _touched_weights(result) == [], "no quantized weight is re-quantized"
-    base, merged = _raw(case.base_dir), _raw(out)
+    assert touched_quantized_weights(result) == [], "no quantized weight is re-quantized"
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     assert set(merged) == set(base)
     for name in case.quantized:
         for part in PARTS:
@@ -283,8 +261,8 @@ def test_keep_with_an_attention_only_adapter_leaves_every_expert_and_untouched_s
 def test_keep_requantizes_touched_experts_with_the_librarys_fresh_scales_within_int4_rounding(case, keep_out, oracle):
     out, result = keep_out
     assert result.report.passed
-    assert _touched_weights(result) == sorted(case.quantized)
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    assert touched_quantized_weights(result) == sorted(case.quantized)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     for name in case.quantized:
         parts = _parts(merged, name)
         intended = oracle[name]  # the library's dequantized base + PEFT's delta, float32
@@ -300,7 +278,7 @@ def test_keep_requantizes_touched_experts_with_the_librarys_fresh_scales_within_
 
 def test_keep_leaves_untouched_tensors_weight_shapes_and_quantization_config_as_they_were(case, keep_out):
     out, result = keep_out
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     assert set(merged) == set(base)
     for name in case.quantized:
         stored = f"{_module(name)}.weight_shape"
@@ -337,7 +315,7 @@ def test_keep_reports_how_much_of_each_delta_survived(case, keep_out, oracle):
     out, result = keep_out
     figures = {d.tensor: d for r in result.receipts for d in r.delta_survivals}
     assert sorted(figures) == sorted(case.quantized)
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     for name in case.quantized:
         before = library_decompress(_parts(base, name)).double()
         realised = library_decompress(_parts(merged, name)).double() - before
@@ -397,7 +375,7 @@ def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, keep_
     begin, end = header[name]["data_offsets"]
     raw = bytearray((out / file).read_bytes())
     start = len(raw) - len(body) + begin
-    raw[start : start + end - begin] = _raw(case.base_dir)[name]
+    raw[start : start + end - begin] = stored_bytes(case.base_dir)[name]
     (out / file).write_bytes(bytes(raw))
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["files"][file] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
@@ -424,7 +402,7 @@ def test_a_rerun_of_a_kept_int4_merge_merges_only_the_uncommitted_shard_and_writ
     again = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="keep")
     assert [r.file for r in again.receipts if not r.resumed] == [lost]
     assert again.report.passed
-    assert _published(out) == _published(keep_out[0])
+    assert published_digest(out) == published_digest(keep_out[0])
 
 
 def test_a_kept_int4_merge_from_and_to_s3_is_byte_identical_to_the_local_one(s3, case, keep_out):

@@ -256,7 +256,7 @@ def test_detect_finds_every_expert_weight_with_the_shape_transformers_gives_it(c
         assert weight.stored_names == (f"{name}_blocks", f"{name}_scales")
     down = found["model.layers.0.mlp.experts.down_proj"]
     assert down.shape == (4, 64, 96)
-    assert down.part("blocks").file != down.part("scales").file  # scales in another shard are found
+    assert down.parts["blocks"].file != down.parts["scales"].file  # scales in another shard are found
     assert case.cross_shard == ("model.layers.0.mlp.experts.down_proj",)
 
 

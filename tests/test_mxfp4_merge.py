@@ -15,7 +15,14 @@ import sys
 
 import pytest
 import torch
-from checkpoint_tools import read_raw_header, shards, tree_digest
+from checkpoint_tools import (
+    published_digest,
+    read_raw_header,
+    shards,
+    stored_bytes,
+    stored_tensors,
+    touched_quantized_weights,
+)
 from gpt_oss_mxfp4 import ATTENTION, build
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -25,7 +32,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from prefect_lora_merge.core.errors import LoraMergeError
 from prefect_lora_merge.core.formats.mxfp4 import Mxfp4
 from prefect_lora_merge.core.pipeline import merge_checkpoint
-from prefect_lora_merge.core.plan import REPORT_FILE, make_plan
+from prefect_lora_merge.core.plan import make_plan
 from prefect_lora_merge.core.state import record_name
 from prefect_lora_merge.core.validate import validate_output
 
@@ -73,37 +80,9 @@ def attention_adapter(case, tmp_path_factory):
     return directory
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for path in shards(directory):
-        found.update(load_file(str(path)))
-    return found
-
-
-def _raw(directory) -> dict[str, bytes]:
-    """Every tensor's stored bytes, by name."""
-    found = {}
-    for path in shards(directory):
-        header, body = read_raw_header(path)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                found[name] = body[begin:end]
-    return found
-
-
 def _transformers_dequantized(stored: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The logical [E, in, out] float32 weight, as transformers' own MXFP4 dequantization gives it."""
     return convert_moe_packed_tensors(stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype=torch.float32)
-
-
-def _published(directory) -> dict[str, str]:
-    """sha256 of the published files (the state directory is bookkeeping, the report records timings)."""
-    return {k: v for k, v in tree_digest(directory).items() if not k.startswith(".lora-merge/") and k != REPORT_FILE}
-
-
-def _touched_weights(result) -> list[str]:
-    return sorted(t.quantized.weight.name for s in result.plan.shards for t in s.touched if t.quantized is not None)
 
 
 def _bf16_ulp_at_a_rounding_boundary(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -130,11 +109,11 @@ def test_mxfp4_is_recognised_by_config_and_headers_and_bf16_is_the_default(case,
     assert {r.weight.name for r in dequantized.values()} == set(case.quantized), "written under the logical name"
     assert {n for n, r in roles.items() if r.write == "dropped"} == {f"{n}_scales" for n in case.quantized}
     for name in case.quantized:
-        experts, rows, groups, _ = roles[f"{name}_blocks"].weight.part("blocks").entry.shape
+        experts, rows, groups, _ = roles[f"{name}_blocks"].weight.parts["blocks"].entry.shape
         assert roles[f"{name}_blocks"].weight.shape == (experts, groups * 32, rows)  # [E, in, out]
     for name in case.cross_shard:  # found through the index, in the shard that holds it
         weight = roles[f"{name}_blocks"].weight
-        assert weight.part("scales").file != weight.part("blocks").file
+        assert weight.parts["scales"].file != weight.parts["blocks"].file
 
 
 def test_fp8_on_an_mxfp4_base_is_refused_pointing_at_keep(case, tmp_path):
@@ -149,7 +128,7 @@ def test_fp8_on_an_mxfp4_base_is_refused_pointing_at_keep(case, tmp_path):
 def test_bf16_output_is_the_peft_merge_on_transformers_dequantization_rounded_once(case, bf16_out, oracle):
     out, result = bf16_out
     assert result.report.passed
-    base, twin, merged = _tensors(case.base_dir), _tensors(case.dequantized_dir), _tensors(out)
+    base, twin, merged = stored_tensors(case.base_dir), stored_tensors(case.dequantized_dir), stored_tensors(out)
     for name in case.quantized:  # the twin PEFT merged into is transformers' own dequantization of the base
         assert torch.equal(twin[name].float(), _transformers_dequantized(base, name)), name
     assert set(merged) == set(oracle)
@@ -168,7 +147,7 @@ def test_bf16_output_is_the_peft_merge_on_transformers_dequantization_rounded_on
 
 def test_bf16_output_keeps_everything_else_exactly_and_indexes_what_it_wrote(case, bf16_out):
     out, _ = bf16_out
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     kept = [n for n in base if not n.endswith(PARTS) and not (".self_attn." in n and n.endswith("proj.weight"))]
     assert any(n.endswith("_bias") and ".experts." in n for n in kept) and any(n.endswith("sinks") for n in kept)
     for name in kept:
@@ -211,7 +190,7 @@ def test_keep_output_loads_in_transformers_mxfp4_loader_on_cpu(case, keep_out):
         out, quantization_config=Mxfp4Config(dequantize=True), output_loading_info=True
     )
     assert {k: v for k, v in info.items() if v} == {}
-    state, stored = model.state_dict(), _tensors(out)
+    state, stored = model.state_dict(), stored_tensors(out)
     for name in case.quantized:
         assert torch.equal(state[name].float(), _transformers_dequantized(stored, name).to(state[name].dtype).float())
 
@@ -220,7 +199,7 @@ def test_an_attention_only_adapter_leaves_every_mxfp4_byte_as_it_was(case, atten
     out = tmp_path / "merged"
     result = merge_checkpoint(str(case.base_dir), str(attention_adapter), str(out), output_dtype="keep")
     assert result.report.passed
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     assert set(merged) == set(base)
     mxfp4 = [n for n in base if n.endswith(PARTS)]
     assert len(mxfp4) == 2 * len(case.quantized)
@@ -232,7 +211,7 @@ def test_an_attention_only_adapter_leaves_every_mxfp4_byte_as_it_was(case, atten
 
 def test_keep_output_requantizes_touched_experts_within_one_mxfp4_rounding(case, keep_out, oracle):
     out, result = keep_out
-    base, merged = _tensors(case.base_dir), _tensors(out)
+    base, merged = stored_tensors(case.base_dir), stored_tensors(out)
     weights = {
         t.quantized.weight.name: t.quantized.weight for s in result.plan.shards for t in s.touched if t.quantized
     }
@@ -254,7 +233,7 @@ def test_keep_output_requantizes_touched_experts_within_one_mxfp4_rounding(case,
 
 def test_keep_output_copies_everything_the_adapter_does_not_touch_byte_for_byte(case, keep_out):
     out, result = keep_out
-    base, merged = _raw(case.base_dir), _raw(out)
+    base, merged = stored_bytes(case.base_dir), stored_bytes(out)
     assert set(merged) == set(base)
     touched = {t.base.name for s in result.plan.shards for t in s.tensors if t.computed}
     assert {f"{n}{p}" for n in case.quantized for p in PARTS} <= touched
@@ -283,7 +262,7 @@ def test_a_weight_whose_scales_live_in_another_shard_gets_the_same_pair_as_one_s
     index_path.write_text(json.dumps(index))
     out = tmp_path / "merged"
     assert merge_checkpoint(str(together), str(case.adapter_dir), str(out), output_dtype="keep").report.passed
-    split, joined = _raw(keep_out[0]), _raw(out)
+    split, joined = stored_bytes(keep_out[0]), stored_bytes(out)
     output_index = json.loads((keep_out[0] / "model.safetensors.index.json").read_text())["weight_map"]
     for name in case.cross_shard:
         assert output_index[f"{name}_scales"] != output_index[f"{name}_blocks"], "the output keeps the base's layout"
@@ -294,8 +273,8 @@ def test_a_weight_whose_scales_live_in_another_shard_gets_the_same_pair_as_one_s
 def test_keep_output_reports_how_much_of_each_delta_survived(case, keep_out, oracle):
     out, result = keep_out
     survivals = [d for r in result.receipts for d in r.delta_survivals]
-    assert sorted(d.tensor for d in survivals) == _touched_weights(result) == sorted(case.quantized)
-    base, merged, twin = _tensors(case.base_dir), _tensors(out), _tensors(case.dequantized_dir)
+    assert sorted(d.tensor for d in survivals) == touched_quantized_weights(result) == sorted(case.quantized)
+    base, merged, twin = stored_tensors(case.base_dir), stored_tensors(out), stored_tensors(case.dequantized_dir)
     for figure in survivals:
         name = figure.tensor
         realised = _transformers_dequantized(merged, name) - _transformers_dequantized(base, name)
@@ -343,7 +322,7 @@ def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, keep_
     begin, end = header[stored]["data_offsets"]
     raw = bytearray((out / file).read_bytes())
     start = len(raw) - len(body) + begin
-    raw[start : start + end - begin] = _raw(case.base_dir)[stored]
+    raw[start : start + end - begin] = stored_bytes(case.base_dir)[stored]
     (out / file).write_bytes(bytes(raw))
     manifest = json.loads((out / "lora-merge-manifest.json").read_text())
     manifest["files"][file] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
@@ -363,10 +342,10 @@ def test_validation_catches_a_requantized_weight_that_lost_its_delta(case, keep_
 
 def test_a_rerun_on_a_committed_keep_output_skips_every_shard_and_changes_no_byte(case, keep_out, tmp_path):
     out = shutil.copytree(keep_out[0], tmp_path / "merged")
-    before = _published(out)
+    before = published_digest(out)
     again = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="keep")
     assert again.receipts and all(r.resumed for r in again.receipts)
-    assert _published(out) == before
+    assert published_digest(out) == before
 
 
 def test_a_partly_written_keep_output_is_finished_with_the_same_bytes(case, keep_out, tmp_path):
@@ -378,7 +357,7 @@ def test_a_partly_written_keep_output_is_finished_with_the_same_bytes(case, keep
     again = merge_checkpoint(str(case.base_dir), str(case.adapter_dir), str(out), output_dtype="keep")
     assert [r.file for r in again.receipts if not r.resumed] == [lost]
     assert again.report.passed
-    assert _published(out) == _published(keep_out[0])
+    assert published_digest(out) == published_digest(keep_out[0])
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
