@@ -378,12 +378,17 @@ def _quantized_tensor(
         for r, ref in weight.parts.items()
     }
     updates = planned.weight_updates
-    merge = None
-    if updates:
-        merge = tile_merge(updates, fetch, workspace) or _whole_merge(weight, parts, updates, fetch)
+    merge = tile_merge(updates, fetch, workspace) if updates else None
+    whole = None
+    if updates and merge is None:  # DoRA, fused experts: the update needs the whole weight at once
+        whole = merged_tensor(fmt.dequantize(weight, parts), updates, fetch)
+        merge = _tiles_of(whole)
     if role.write == "dequantized":
         with _elementwise_threads(threads):
-            result = fmt.dequantize(weight, parts, dtype=torch.bfloat16, merge=merge)
+            if whole is not None:  # already merged: rounding it is all that is left (decoding again would not be)
+                result = whole.to(torch.bfloat16)
+            else:
+                result = fmt.dequantize(weight, parts, dtype=torch.bfloat16, merge=merge)
         if not all_finite(result):  # bf16 has fp32's range: only NaN/Inf in the base or the adapter end up here
             raise _not_finite(weight, parts, updates)
         out.copy_(result)
@@ -402,11 +407,9 @@ def _quantized_tensor(
     return survival if role.role == weight.primary else None
 
 
-def _whole_merge(
-    weight: QuantizedWeight, parts: dict[str, torch.Tensor], updates: tuple[Update, ...], fetch: Fetch
-) -> TileMerge:
-    """Updates that need the whole weight at once (DoRA, fused experts): merge it in full, then hand out tiles."""
-    merged = merged_tensor(weight_format(weight.format).dequantize(weight, parts), updates, fetch)
+def _tiles_of(merged: torch.Tensor) -> TileMerge:
+    """A merge that hands out the tiles of a weight merged in full (the format decodes its base values for the
+    survival sums, not for this)."""
     return lambda _values, rows, cols: merged[rows, cols]
 
 
