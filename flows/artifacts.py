@@ -13,6 +13,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from prefect_lora_merge.core.formats.survival import round_trip_summary
 from prefect_lora_merge.core.plan import MergePlan
 from prefect_lora_merge.core.recompute import TensorNumbers
 from prefect_lora_merge.core.state import ShardReceipt
@@ -83,11 +84,23 @@ def publish_summary(plan: MergePlan, failures: list[str], report: ValidationRepo
             lines += ["", "## Largest changes ‖ΔW‖/‖W‖ (recomputed rows)", "", "| tensor | ‖ΔW‖/‖W‖ | rows checked |"]
             lines += ["|---|---:|---:|"]
             lines += [f"| {n.tensor} | {n.relative_change:.3g} | {n.rows_checked}/{n.rows} |" for n in changed[:20]]
+    if report is not None and report.round_trip_shifts:
+        lines += ["", "## 4-bit round trip next to the delta: ‖Q(W) − W‖ / ‖ΔW‖", ""]
+        lines += [f"- {round_trip_summary(report.round_trip_shifts)}", ""]
+        lines += ["| tensor | ‖Q(W) − W‖ | ‖ΔW‖ | ratio |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {s.tensor} | {s.shift_norm:.4g} | {s.delta_norm:.4g} | {_ratio(s.ratio)} |"
+            for s in report.round_trip_shifts[:20]
+        ]
     if plan.decisions:
         lines += ["", "## Decisions", ""] + [f"- {_cell(d)}" for d in plan.decisions]
     create_markdown_artifact(
         "\n".join(lines) + "\n", key=artifact_key(plan, "summary"), description=f"merge into {plan.job.output.uri}"
     )
+
+
+def _ratio(ratio: float | None) -> str:
+    return "ΔW = 0" if ratio is None else f"{ratio:.3g}"
 
 
 def _by_layer(changed: list[TensorNumbers]) -> list[str]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from prefect_lora_merge.core.errors import LoraMergeError, ValidationFailed
-from prefect_lora_merge.core.formats.survival import WARN_COSINE, DeltaSurvival
+from prefect_lora_merge.core.formats.survival import WARN_COSINE, DeltaSurvival, RoundTripShift
 from prefect_lora_merge.core.lease import Lease, output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MANIFEST_FILE, REPORT_FILE, MergePlan, ShardPlan
@@ -46,6 +46,8 @@ class MergeSummary(BaseModel):
     # Kept in a quantized format: the re-quantized weight that kept the least of its delta, those under WARN_COSINE
     worst_delta_survival: DeltaSurvival | None = None
     weak_delta_survivals: list[DeltaSurvival] = []
+    # --as-quantized: per touched weight, ‖Q(W) − W‖ / ‖ΔW‖, largest first (how much the round trip matters)
+    round_trip_shifts: list[RoundTripShift] = []
     validation_passed: bool
     validation_checks: dict[str, int]
     validation_seconds: float = 0.0  # part of `seconds`
@@ -197,6 +199,7 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
         runner=runner.kind,
         worst_delta_survival=deltas[0] if deltas else None,
         weak_delta_survivals=weak,
+        round_trip_shifts=report.round_trip_shifts,
         validation_passed=report.passed,
         validation_checks=report.checks,
         validation_seconds=report.seconds,

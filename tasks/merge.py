@@ -41,6 +41,7 @@ def plan_merge(params: MergeParameters) -> MergePlan:
         storage_options=params.storage_options,
         output_dtype=params.output_dtype,
         min_delta_cosine=params.min_delta_cosine,
+        as_quantized=params.round_trip(),
     )
 
 

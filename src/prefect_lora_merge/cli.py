@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
         output_dtype(p, default="auto")
+        as_quantized(p)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
 
@@ -74,6 +75,32 @@ def _parser() -> argparse.ArgumentParser:
             help="quantized bases (block-FP8, INT4, MXFP4) only: bf16 (auto) dequantizes every quantized weight; "
             "keep leaves untouched quantized weights byte for byte and re-quantizes touched ones in the base's "
             "format (fp8: the same, its older name)",
+        )
+
+    def as_quantized(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--as-quantized",
+            choices=("nf4", "fp4"),
+            help="16-bit base, QLoRA adapter: put every Linear weight through bitsandbytes' 4-bit round trip before "
+            "adding the delta (the weights the adapter was trained against; see the README's QLoRA section)",
+        )
+        p.add_argument(
+            "--as-quantized-blocksize",
+            type=int,
+            choices=(32, 64, 128, 256, 512, 1024, 2048, 4096),  # bitsandbytes' block sizes
+            metavar="N",
+            help="with --as-quantized: the 4-bit block size (default: 64, QLoRA's)",
+        )
+        p.add_argument(
+            "--as-quantized-double-quant",
+            choices=("on", "off"),
+            help="with --as-quantized: double quantization of the block scales (default: on, QLoRA's)",
+        )
+        p.add_argument(
+            "--as-quantized-skip",
+            action="append",
+            metavar="MODULE",
+            help="with --as-quantized: a module the 4-bit load kept in 16 bits (llm_int8_skip_modules); repeat it",
         )
 
     run = sub.add_parser("run", help="merge through the Prefect flow")
@@ -159,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--adapter", help="PEFT adapter (with --base)")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
     output_dtype(validate, default=None)
+    as_quantized(validate)
     validate.add_argument(
         "--forward",
         action="store_true",
@@ -297,6 +325,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         output_dtype=args.output_dtype,
         min_delta_cosine=args.min_delta_cosine,
         storage_options=storage_options,
+        **_as_quantized_parameters(args),
     )
     summary = run_merge(params)
     if args.json:
@@ -330,6 +359,10 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             )
         for weak in summary.weak_delta_survivals[:10]:
             print(f"warning: {weak.tensor}: only cosine {weak.cosine:.3f} of its delta survived re-quantization")
+        if summary.round_trip_shifts:
+            from prefect_lora_merge.core.formats.survival import round_trip_summary
+
+            print(f"as-quantized: {round_trip_summary(summary.round_trip_shifts)}")
         for decision in summary.decisions:
             print(f"note: {decision}")
     return 0
@@ -362,6 +395,9 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         device=args.device,
         storage_options=storage_options,
         output_dtype=args.output_dtype,
+        as_quantized=_parameters(
+            base=args.base, adapter=args.adapter, output=args.output, **_as_quantized_parameters(args)
+        ).round_trip(),
     )
     if args.kubernetes:
         _write_kubernetes(args, plan.estimated_peak_bytes)
@@ -461,8 +497,22 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     output = Location.parse(args.output, storage_options, what="--output")
     plan = None
     if args.base:
-        output_dtype = args.output_dtype or _merged_output_dtype(output)
-        plan = make_plan(args.base, args.adapter, output, storage_options=storage_options, output_dtype=output_dtype)
+        merged = _merged_manifest(output)
+        output_dtype = args.output_dtype or (merged.output_dtype if merged is not None else "auto")
+        if args.as_quantized is not None:
+            round_trip = _parameters(
+                base=args.base, adapter=args.adapter, output=args.output, **_as_quantized_parameters(args)
+            ).round_trip()
+        else:  # as the output was merged, from its manifest
+            round_trip = merged.as_quantized if merged is not None else None
+        plan = make_plan(
+            args.base,
+            args.adapter,
+            output,
+            storage_options=storage_options,
+            output_dtype=output_dtype,
+            as_quantized=round_trip,
+        )
     report = validate_output(output, plan, forward=args.forward)
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -490,15 +540,27 @@ def _print_largest_change(change: TensorNumbers) -> None:
     print(f"largest change ‖ΔW‖/‖W‖: {change.relative_change:.3g} on {change.tensor}")
 
 
-def _merged_output_dtype(output: Any) -> str:
-    """The --output-dtype the output was merged with, from its manifest (auto when it has none)."""
+def _merged_manifest(output: Any) -> Any:
+    """The output's manifest (how it was merged: --output-dtype, --as-quantized), or None without a readable one."""
     from prefect_lora_merge.core.consolidate import read_manifest
 
     try:
-        manifest = read_manifest(output)
+        return read_manifest(output)
     except LoraMergeError:
-        return "auto"
-    return "auto" if manifest is None else manifest.output_dtype
+        return None
+
+
+def _as_quantized_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """--as-quantized and its settings as MergeParameters fields (only those given: the rest keep their defaults)."""
+    given = {
+        "as_quantized": args.as_quantized,
+        "as_quantized_blocksize": args.as_quantized_blocksize,
+        "as_quantized_double_quant": None
+        if args.as_quantized_double_quant is None
+        else args.as_quantized_double_quant == "on",
+        "as_quantized_skip": args.as_quantized_skip,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:

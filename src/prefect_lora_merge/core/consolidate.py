@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .errors import LoraMergeError
+from .formats.bitsandbytes import AsQuantized
 from .plan import ALGORITHM_VERSION, INDEX_FILE, MANIFEST_FILE, MergePlan
 from .state import ShardReceipt, ShardRecord, discard_partial_writes
 from .storage import Location
@@ -37,6 +38,7 @@ class Manifest(BaseModel):
     algorithm_version: str = ALGORITHM_VERSION
     fingerprint: str
     output_dtype: str = "keep"  # keep (every tensor in its base format), or bf16 for a dequantized quantized base
+    as_quantized: AsQuantized | None = None  # the 4-bit round trip of an --as-quantized merge
     base: dict[str, Any]
     adapter: dict[str, Any]
     decisions: list[str]
@@ -100,6 +102,7 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
         tool_version=tool_version(),
         fingerprint=plan.fingerprint,
         output_dtype=plan.output_dtype,
+        as_quantized=plan.as_quantized,
         base={"uri": base.uri, "shards": {s.file: s.base_size for s in plan.shards}},
         adapter={
             "uri": adapter.location.uri,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import queue
 import re
 import threading
@@ -28,7 +29,8 @@ from .buffers import BufferPool
 from .errors import AdapterError, CheckpointFormatError, LoraMergeError
 from .formats import weight_format
 from .formats.base import NonFiniteValues, QuantizedWeight
-from .formats.survival import DeltaSurvival
+from .formats.bitsandbytes import ROUND_TRIP
+from .formats.survival import DeltaSurvival, RoundTripShift
 from .lora_math import Fetch, all_finite, merged_tensor, tile_merge
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .plan.memory import computing_parts
@@ -36,7 +38,7 @@ from .resources import DEVICE_PATTERN
 from .safetensors_format import encode_header, read_header, torch_dtype
 from .state import ShardReceipt, committed_record, write_record
 from .storage import PIECE_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
-from .tiling import TileMerge, Workspace, tiles
+from .tiling import TileMerge, Workspace, merge_rounded, tiles
 
 
 def resolve_device(device: str) -> torch.device:
@@ -138,6 +140,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
 
     applied: list[str] = []
     survivals: list[DeltaSurvival] = []
+    shifts: list[RoundTripShift] = []
     adapter_cache: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _quantized_tensor
     workspace = Workspace(device)
@@ -159,7 +162,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
             written_view = pool.take(result_bytes[planned.name])
             result = _over(written_view, planned.dtype, planned.shape)
             if planned.quantized is not None:
-                survival = _quantized_tensor(planned, segment, fetch, workspace, kept, threads, result)
+                survival = _quantized_tensor(planned, segment, fetch, workspace, kept, threads, result, shifts)
                 if survival is not None:
                     _check_survival(job, shard, survival, weight_format(planned.quantized.weight.format).label)
                     survivals.append(survival)
@@ -185,6 +188,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
         touched=[t.name for t in shard.touched],
         applied=applied,
         delta_survivals=survivals,
+        round_trip_shifts=shifts,
         seconds=time.perf_counter() - started,
         device=str(device),
     )
@@ -355,6 +359,7 @@ def _quantized_tensor(
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]],
     threads: int | None,
     out: torch.Tensor,
+    shifts: list[RoundTripShift],
 ) -> DeltaSurvival | None:
     """A part of a quantized weight into `out`: the weight dequantized to bf16, or one re-quantized part; the
     delta's survival for the weight's primary part when re-quantized.
@@ -384,11 +389,14 @@ def _quantized_tensor(
         whole = merged_tensor(fmt.dequantize(weight, parts), updates, fetch)
         merge = _tiles_of(whole)
     if role.write == "dequantized":
+        dtype = torch_dtype(planned.dtype)
         with _elementwise_threads(threads):
             if whole is not None:  # already merged: rounding it is all that is left (decoding again would not be)
-                result = whole.to(torch.bfloat16)
+                result = whole.to(dtype)
+            elif fmt.key == ROUND_TRIP and merge is not None:
+                result = _round_tripped(weight, parts, merge, dtype, shifts)
             else:
-                result = fmt.dequantize(weight, parts, dtype=torch.bfloat16, merge=merge)
+                result = fmt.dequantize(weight, parts, dtype=dtype, merge=merge)
         if not all_finite(result):  # bf16 has fp32's range: only NaN/Inf in the base or the adapter end up here
             raise _not_finite(weight, parts, updates)
         out.copy_(result)
@@ -405,6 +413,36 @@ def _quantized_tensor(
             kept[ref.entry.name] = (new_parts[other].cpu(), survival if other == weight.primary else None)
     out.copy_(new_parts[role.role].cpu())
     return survival if role.role == weight.primary else None
+
+
+def _round_tripped(
+    weight: QuantizedWeight,
+    parts: dict[str, torch.Tensor],
+    merge: TileMerge,
+    dtype: torch.dtype,
+    shifts: list[RoundTripShift],
+) -> torch.Tensor:
+    """A touched weight merged `--as-quantized`: Q(W) + ΔW rounded once, and how far Q moved W next to ΔW."""
+    rounded = weight_format(weight.format).dequantize(weight, parts)  # Q(W), float32
+    original = parts["weight"].reshape(rounded.shape)
+    shift_sq = sum(
+        float((rounded[rows, cols] - original[rows, cols].float()).square().sum())
+        for rows, cols in tiles(tuple(rounded.shape), rounded.device)
+    )
+    delta_sq = 0.0
+
+    def measured(values: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        nonlocal delta_sq
+        merged = merge(values, rows, cols)
+        delta_sq += float((merged - values).square().sum())
+        return merged
+
+    result = merge_rounded(rounded, dtype, measured)
+    shift, delta = math.sqrt(shift_sq), math.sqrt(delta_sq)
+    shifts.append(
+        RoundTripShift(tensor=weight.name, shift_norm=shift, delta_norm=delta, ratio=shift / delta if delta else None)
+    )
+    return result
 
 
 def _tiles_of(merged: torch.Tensor) -> TileMerge:
@@ -524,7 +562,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
                 if end > begin:
                     job.base.read_into(file, begin, data)
                 extra = None
-                if others:
+                if tensor is not None and tensor.name in computing:  # {} for a weight stored as one tensor
                     extra = {}
                     for role, ref in others:
                         extra[role] = pool.take(ref.entry.nbytes)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .errors import LoraMergeError
+from .formats.bitsandbytes import BLOCKSIZES, AsQuantized
 from .resources import DEVICE_PATTERN, parse_size
 
 
@@ -53,6 +54,21 @@ class MergeParameters(BaseModel):
         description="With output_dtype keep: fail a shard whose re-quantized weight keeps less of its intended "
         "change than this cosine (realised vs intended ΔW).",
     )
+    as_quantized: Literal["nf4", "fp4"] | None = Field(
+        None,
+        description="For a 16-bit base and a QLoRA adapter: put every Linear weight through bitsandbytes' 4-bit "
+        "round trip (quantize, dequantize) before adding the delta, so the merge is the model the adapter was "
+        "trained with (nf4 is QLoRA's type).",
+    )
+    as_quantized_blocksize: int = Field(64, description="With as_quantized: the 4-bit block size (QLoRA's: 64).")
+    as_quantized_double_quant: bool = Field(
+        True, description="With as_quantized: double quantization of the block scales (QLoRA's default: on)."
+    )
+    as_quantized_skip: list[str] = Field(
+        default_factory=list,
+        description="With as_quantized: modules the 4-bit load kept in 16 bits (BitsAndBytesConfig's "
+        "llm_int8_skip_modules), by name or suffix; embeddings and the output head always are.",
+    )
     runner: Literal["threads", "dask"] = Field(
         "threads",
         description="Where shard tasks run: threads of the flow's own process, or a Dask cluster (prefect-dask): "
@@ -97,6 +113,22 @@ class MergeParameters(BaseModel):
         return values
 
     @model_validator(mode="after")
+    def _as_quantized(self) -> MergeParameters:
+        if self.as_quantized is None and (
+            self.as_quantized_blocksize != 64 or not self.as_quantized_double_quant or self.as_quantized_skip
+        ):
+            raise ValueError("as_quantized_blocksize, _double_quant and _skip set the round trip of as_quantized")
+        if self.as_quantized_blocksize not in BLOCKSIZES:
+            raise ValueError(f"as_quantized_blocksize must be one of {list(BLOCKSIZES)}")
+        return self
+
+    def round_trip(self) -> AsQuantized | None:
+        """The --as-quantized settings, or None."""
+        return as_quantized_settings(
+            self.as_quantized, self.as_quantized_blocksize, self.as_quantized_double_quant, self.as_quantized_skip
+        )
+
+    @model_validator(mode="after")
     def _runner(self) -> MergeParameters:
         if self.runner != "dask" and (self.dask_address or self.dask_workers):
             raise ValueError("dask_address and dask_workers need runner dask (--runner dask)")
@@ -117,3 +149,12 @@ class MergeParameters(BaseModel):
         if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError(f"must be auto, cpu or cuda[:N], not {value!r}")
         return value
+
+
+def as_quantized_settings(
+    quant_type: str | None, blocksize: int = 64, double_quant: bool = True, skip: list[str] | tuple[str, ...] = ()
+) -> AsQuantized | None:
+    """`--as-quantized` and its settings as the plan takes them (None: no round trip)."""
+    if quant_type is None:
+        return None
+    return AsQuantized(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip=tuple(skip))

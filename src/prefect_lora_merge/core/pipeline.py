@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
 from .errors import ValidationFailed
+from .formats.bitsandbytes import AsQuantized
 from .lease import output_lease
 from .merge import merge_or_resume_shard, resolve_device
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
@@ -39,6 +40,7 @@ def merge_checkpoint(
     output_dtype: OutputDtype = "auto",
     min_delta_cosine: float | None = None,
     max_memory: int | str | None = None,
+    as_quantized: AsQuantized | None = None,
 ) -> MergeResult:
     """The whole merge in this process, one shard after another (the Prefect flow runs shards in parallel)."""
     budget = None if max_memory is None else parse_size(max_memory)
@@ -50,6 +52,7 @@ def merge_checkpoint(
         storage_options=storage_options,
         output_dtype=output_dtype,
         min_delta_cosine=min_delta_cosine,
+        as_quantized=as_quantized,
     )
     threads = choose_parallelism(plan.estimated_peak_bytes, 1, workers=1, max_memory=budget).threads
     resolve_device(plan.job.device)  # a device this machine lacks is refused before the lease writes anything

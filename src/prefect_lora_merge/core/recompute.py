@@ -195,7 +195,11 @@ class _TensorCheck:
         tensor = self.tensor
         if self.entry is None or self.entry.shape != tensor.shape or self.entry.dtype != tensor.dtype:
             return None  # structure checks already name it
-        whole = self.out_rows * self.cols <= ALL_ROWS_UP_TO or not _row_local(tensor)
+        whole = (
+            self.out_rows * self.cols <= ALL_ROWS_UP_TO
+            or not _row_local(tensor)
+            or (self.format is not None and not self.format.row_local)  # a round trip: rows depend on the whole
+        )
         runs = [slice(0, self.out_rows)] if whole else _sample_runs(tensor.name, self.out_rows, self.cols, self.align)
         checked, flips, base_sq, change_sq = 0, 0, 0.0, 0.0
         for rows in runs:

@@ -21,7 +21,7 @@ from collections import Counter
 from pydantic import AliasChoices, BaseModel, Field
 
 from .errors import LoraMergeError, OutputLocationError
-from .formats.survival import DeltaSurvival
+from .formats.survival import DeltaSurvival, RoundTripShift
 from .lease import LEASE_FILE
 from .plan import INDEX_FILE, MANIFEST_FILE, OWN_FILES, REPORT_FILE, MergeJob, MergePlan, ShardPlan, update_keys
 from .storage import PARTIAL_WRITE, Location, safe_name
@@ -46,6 +46,8 @@ class ShardRecord(BaseModel):
     applied: list[str]  # adapter keys, once per application
     # per re-quantized weight: how much of its delta survived (`fp8_deltas` in records of earlier versions)
     delta_survivals: list[DeltaSurvival] = Field([], validation_alias=AliasChoices("delta_survivals", "fp8_deltas"))
+    # per touched weight of an --as-quantized merge: the round trip's shift next to the delta
+    round_trip_shifts: list[RoundTripShift] = []
 
 
 class ShardReceipt(ShardRecord):

@@ -58,3 +58,16 @@ def tiles(
     for start in range(0, rows, row_step):
         for col in range(0, cols, col_step):
             yield slice(start, min(rows, start + row_step)), slice(col, min(cols, col + col_step))
+
+
+def merge_rounded(values: torch.Tensor, dtype: torch.dtype, merge: TileMerge | None) -> torch.Tensor:
+    """Float32 `values` with `merge` applied (a tile at a time where 2-D, else once with full slices), rounded once
+    to `dtype`."""
+    if merge is None:
+        return values if values.dtype == dtype else values.to(dtype)
+    if values.dim() != 2:
+        return merge(values, slice(None), slice(None)).to(dtype)
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    for rows, cols in tiles(tuple(values.shape), values.device):
+        out[rows, cols] = merge(values[rows, cols], rows, cols)
+    return out

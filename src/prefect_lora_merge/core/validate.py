@@ -11,11 +11,13 @@ from pydantic import BaseModel
 
 from .consolidate import MANIFEST_FILE, Manifest, read_manifest
 from .errors import LoraMergeError
+from .formats.survival import RoundTripShift
 from .forward import ForwardCheck, forward_check
 from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_non_finite, check_numbers
 from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype, weight_map_problem
+from .state import ShardRecord
 from .storage import PIECE_BYTES, Location, safe_name
 
 
@@ -31,6 +33,8 @@ class ValidationReport(BaseModel):
     numbers: list[TensorNumbers] = []
     # validate --forward: logits of the output loaded with transformers against PEFT's merge
     forward: ForwardCheck | None = None
+    # an --as-quantized merge: per touched weight, ‖Q(W) − W‖ / ‖ΔW‖ (from the shard records), largest first
+    round_trip_shifts: list[RoundTripShift] = []
 
     def largest_changes(self) -> list[TensorNumbers]:
         """The recomputed tensors the merge changed, largest ‖ΔW‖/‖W‖ first."""
@@ -82,7 +86,14 @@ def validate_output(
         checksums_taken=checksums_taken,
         numbers=numbers,
         forward=forward_result,
+        round_trip_shifts=largest_shifts(manifest.shards) if manifest is not None else [],
     )
+
+
+def largest_shifts(records: list[ShardRecord]) -> list[RoundTripShift]:
+    """Every round-tripped weight's shift next to its delta, largest ‖Q(W) − W‖ / ‖ΔW‖ first."""
+    shifts = [s for r in records for s in r.round_trip_shifts]
+    return sorted(shifts, key=lambda s: float("inf") if s.ratio is None else s.ratio, reverse=True)
 
 
 def _manifest(output: Location, failures: list[str]) -> Manifest | None:

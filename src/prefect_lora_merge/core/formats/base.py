@@ -19,6 +19,7 @@ Conventions every format follows:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -54,6 +55,9 @@ class QuantizedWeight(BaseModel):
     parts: dict[str, TensorRef]  # role -> stored tensor, in the format's role order
     primary: str  # the role whose place in its shard the dequantized weight takes in a bf16 output
     params: dict[str, Any] = {}  # the format's own settings (block size, group size, power-of-two scales, ...)
+    # the dtype the weight is written in when dequantized: bf16, or the stored dtype of a weight put through a
+    # quantization round trip (`--as-quantized`)
+    dequantized_dtype: str = "BF16"
 
     @property
     def stored_names(self) -> tuple[str, ...]:
@@ -68,10 +72,19 @@ class WeightFormat(Protocol):
     key: str  # the name in plans and records: "block-fp8", "int4-pack-quantized", "mxfp4"
     label: str  # the name in messages: "block-FP8", "compressed-tensors INT4 pack-quantized", "MXFP4"
     work_copies: int  # full-size float32 copies of a weight a re-quantization holds at once (memory estimate)
+    keeps: bool  # whether an output can keep the format (touched weights re-quantized); else it is written in bf16
+    row_local: bool  # whether `decode` of some rows needs only their `part_rows` (else validation reads it whole)
 
-    def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
+    def detect(
+        self,
+        config: dict[str, Any],
+        refs: dict[str, TensorRef],
+        where: str,
+        read: Callable[[TensorRef], bytes] | None = None,
+    ) -> dict[str, QuantizedWeight]:
         """Every weight of this format in the base, by logical name; {} when the base is not in this format.
-        `refs`: every stored tensor by name (headers only), `where`: the base, for messages. Raises
+        `refs`: every stored tensor by name (headers only), `where`: the base, for messages, `read`: a stored
+        tensor's bytes, for a format that keeps its settings in tensors (bitsandbytes' quant_state). Raises
         errors.CheckpointFormatError naming the tensors when the config declares this format but the tensors do not
         fit it (a missing scale, a wrong dtype or shape)."""
         ...

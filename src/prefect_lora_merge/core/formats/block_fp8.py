@@ -170,9 +170,13 @@ class BlockFp8:
 
     key = "block-fp8"
     label = "block-FP8"
+    keeps = True
+    row_local = True
     work_copies = 4  # base tile, merged tile, codes decoded again, their difference: whole tensors on CUDA
 
-    def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
+    def detect(
+        self, config: dict[str, Any], refs: dict[str, TensorRef], where: str, read: object = None
+    ) -> dict[str, QuantizedWeight]:
         """Every FP8 block-quantized weight, recognised by its format (e4m3 codes with a float32 `weight_scale_inv`
         companion, wherever the index stores it, and a `weight_block_size`), not by model type."""
         codes = sorted(name for name, ref in refs.items() if ref.entry.dtype.startswith("F8_"))

@@ -246,13 +246,17 @@ class Int4PackQuantized:
 
     key = KEY
     label = LABEL
+    keeps = True
+    row_local = True
     # A whole-tensor re-quantization (CUDA) holds, in float32 sizes: the base values and the merged values (2), the
     # merged values in the scale dtype and their codes (1 for bf16), the decoded new codes (1), and then either a
     # quotient or a rounding temporary (<= 1) or the intended ΔW of `SurvivalSums.add` (1). On CPU all but the
     # packed words and scales are tile-sized.
     work_copies = 5
 
-    def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
+    def detect(
+        self, config: dict[str, Any], refs: dict[str, TensorRef], where: str, read: object = None
+    ) -> dict[str, QuantizedWeight]:
         schemes = _declared_schemes(config)
         if not schemes:
             return {}

@@ -247,10 +247,14 @@ class Mxfp4:
 
     key = "mxfp4"
     label = "MXFP4"
+    keeps = True
+    row_local = True
     # the whole float32 base, the merged weight, ΔW while it is added, the base decoded again to measure survival
     work_copies = 4
 
-    def detect(self, config: dict[str, Any], refs: dict[str, TensorRef], where: str) -> dict[str, QuantizedWeight]:
+    def detect(
+        self, config: dict[str, Any], refs: dict[str, TensorRef], where: str, read: object = None
+    ) -> dict[str, QuantizedWeight]:
         found = quantization_config(config)
         if found is None or found[1].get("quant_method") != "mxfp4":
             return {}

@@ -56,3 +56,29 @@ class SurvivalSums:
             relative_norm=math.sqrt(rr / ii),
             relative_error=math.sqrt(ee / ii),
         )
+
+
+class RoundTripShift(BaseModel):
+    """For a weight merged `--as-quantized`: how far the 4-bit round trip moved it, next to the delta.
+
+    `ratio` = ‖Q(W) − W‖ / ‖ΔW‖: how much the choice between merging into the round-tripped weights and into the
+    16-bit ones matters for this tensor (above 1, the two merges differ by more than the adapter changes)."""
+
+    tensor: str
+    shift_norm: float  # ‖Q(W) − W‖
+    delta_norm: float  # ‖ΔW‖
+    ratio: float | None  # None where ΔW is zero
+
+
+def round_trip_summary(shifts: list[RoundTripShift]) -> str:
+    """One line on the round trip's shifts (largest ratio first), for the CLI and the summary artifact."""
+    ratios = sorted(s.ratio for s in shifts if s.ratio is not None)
+    if not ratios:
+        return f"{len(shifts)} round-tripped weight(s) touched, all with ΔW = 0"
+    largest = next(s for s in shifts if s.ratio is not None)
+    above = sum(1 for r in ratios if r > 1)
+    return (
+        f"‖Q(W) − W‖ / ‖ΔW‖ over {len(ratios)} touched weight(s): median {ratios[len(ratios) // 2]:.3g}, largest "
+        f"{largest.ratio:.3g} on {largest.tensor}; {above} above 1 (there the round trip moves the weight more than "
+        "the adapter does, so merging into the 16-bit weights instead would give a different model)"
+    )

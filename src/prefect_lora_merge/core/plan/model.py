@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from ..adapter import AdapterIndex
 from ..fingerprint import ALGORITHM_VERSION
 from ..formats.base import QuantizedWeight, TensorRef
+from ..formats.bitsandbytes import AsQuantized
 from ..safetensors_format import TensorEntry, layout
 from ..storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES, Location
 from ..update import Update
@@ -72,7 +73,9 @@ class PlannedTensor(BaseModel):
     @property
     def dtype(self) -> str:
         """The dtype written to the output."""
-        return "BF16" if self.quantized is not None and self.quantized.write == "dequantized" else self.base.dtype
+        if self.quantized is not None and self.quantized.write == "dequantized":
+            return self.quantized.weight.dequantized_dtype
+        return self.base.dtype
 
     @property
     def dropped(self) -> bool:
@@ -169,6 +172,7 @@ class MergePlan(BaseModel):
     # dequantized to bf16, their other parts and quantization_config dropped
     output_dtype: Literal["keep", "bf16"] = "keep"
     quantized_format: str | None = None  # the base's quantized weight format (its label), if it has one
+    as_quantized: AsQuantized | None = None  # --as-quantized: the 4-bit round trip Linear weights go through
     decisions: tuple[str, ...]
     adapter_usage: dict[str, list[str]]  # adapter key -> base tensors it changes
 
@@ -190,6 +194,7 @@ class MergePlan(BaseModel):
             "output": self.job.output.uri,
             "fingerprint": self.fingerprint,
             "output_dtype": self.output_dtype,
+            "as_quantized": self.as_quantized.model_dump() if self.as_quantized is not None else None,
             "shards": len(self.shards),
             "shards_touched": sum(1 for s in self.shards if s.touched),
             "tensors": sum(len(s.tensors) for s in self.shards),

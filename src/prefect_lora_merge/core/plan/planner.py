@@ -9,6 +9,7 @@ from typing import Any
 from ..adapter import load_adapter_index
 from ..errors import UnsupportedBaseError
 from ..fingerprint import merge_fingerprint
+from ..formats.bitsandbytes import AsQuantized
 from ..formats.unsupported import find_quantized
 from ..storage import Location, refuse_output_inside_inputs
 from .discovery import base_layout, check_index, is_extra_file, parse_config, read_headers
@@ -16,12 +17,15 @@ from .model import MergeJob, MergePlan, PlannedTensor, ShardPlan
 from .names import NameResolver
 from .quantized import (
     OutputDtype,
+    as_quantized_weights,
     find_quantized_weights,
     mode_decision,
     output_mode,
+    qlora_hint,
     quantization_config_keys,
     quantized_roles,
     resolver_entries,
+    round_trip_decision,
 )
 from .updates import plan_updates, replaced_shape, untied_head
 
@@ -35,10 +39,13 @@ def make_plan(
     storage_options: dict[str, Any] | None = None,
     output_dtype: OutputDtype = "auto",
     min_delta_cosine: float | None = None,
+    as_quantized: AsQuantized | None = None,
 ) -> MergePlan:
     """Plan a merge. `output_dtype` matters only for a quantized base (block-FP8, INT4, MXFP4): `auto` (= `bf16`
     there) writes every quantized weight dequantized to bf16; `keep` (`fp8`, its older name) keeps untouched
-    quantized weights as they are and re-quantizes touched ones in the base's format."""
+    quantized weights as they are and re-quantizes touched ones in the base's format. `as_quantized` (a 16-bit
+    base only) puts every Linear weight through bitsandbytes' 4-bit round trip before the delta: the weights a QLoRA
+    adapter was trained against."""
     base_loc = base if isinstance(base, Location) else Location.parse(base, storage_options, what="--base")
     adapter_loc = (
         adapter if isinstance(adapter, Location) else Location.parse(adapter, storage_options, what="--adapter")
@@ -54,13 +61,22 @@ def make_plan(
     adapter_index = load_adapter_index(adapter_loc)
 
     catalog = {t.name: t for h in headers for t in h.tensors}
-    fmt, weights = find_quantized_weights(base_loc.uri, config, headers)
+    fmt, weights = find_quantized_weights(
+        base_loc.uri, config, headers, lambda ref: base_loc.read_bytes(ref.file, *ref.span)
+    )
     mode = output_mode(output_dtype, fmt, base_loc.uri)
+    if as_quantized is not None:
+        weights = as_quantized_weights(base_loc.uri, fmt, headers, config, as_quantized)
     # An adapter targets a quantized weight by its own name: resolution sees it in place of its stored parts.
     parts = {name for w in weights.values() for name in w.stored_names}
     visible = {n: e for n, e in catalog.items() if n not in parts}
     resolver = NameResolver({**visible, **resolver_entries(weights)}, config)
     unsupported = find_quantized(base_loc.uri, config, catalog, supported=parts)
+    if as_quantized is not None and unsupported is not None:
+        raise UnsupportedBaseError(
+            f"--as-quantized simulates a 4-bit load of a 16-bit base, and {base_loc.uri} is quantized already "
+            f"({next(iter(unsupported.weights.values())).scheme}); leave --as-quantized off"
+        )
     if fmt is not None and mode == "bf16" and unsupported is not None:
         # bf16 drops quantization_config, which the weights left quantized would still need to be read at all.
         first = min(unsupported.weights.values(), key=lambda w: w.name)
@@ -71,10 +87,16 @@ def make_plan(
             "the config that describes them; use --output-dtype keep"
         )
     updates, usage, config_updates = plan_updates(adapter_index, resolver, config, set(weights), unsupported)
-    roles = quantized_roles(weights, updates, mode)
+    # a round-tripped weight is written like a dequantized one (in its own dtype), whatever the mode
+    roles = quantized_roles(weights, updates, "bf16" if as_quantized is not None else mode)
     config_removals = quantization_config_keys(config) if fmt is not None and mode == "bf16" else ()
     if fmt is not None:
         resolver.decisions.append(mode_decision(fmt, weights, updates, mode))
+    if as_quantized is not None:
+        resolver.decisions.append(round_trip_decision(as_quantized, weights, updates))
+    hint = qlora_hint(adapter_index.raw_config, fmt, as_quantized)
+    if hint is not None:
+        resolver.decisions.append(hint)
 
     shards = []
     for header in headers:
@@ -117,7 +139,13 @@ def make_plan(
             adapter=adapter_index,
             # A block-FP8 base kept in FP8 is hashed under the name that mode had while it was the only quantized
             # format, so outputs merged before `keep` existed keep their identity (and resume).
-            output_dtype="fp8" if mode == "keep" and fmt is not None and fmt.key == "block-fp8" else mode,
+            output_dtype=(
+                "fp8"
+                if mode == "keep" and fmt is not None and fmt.key == "block-fp8"
+                else f"{mode}+as-quantized:{as_quantized.model_dump_json()}"
+                if as_quantized is not None
+                else mode
+            ),
         ),
     )
     return MergePlan(
@@ -130,6 +158,7 @@ def make_plan(
         config_removals=config_removals,
         output_dtype=mode,
         quantized_format=fmt.label if fmt is not None else None,
+        as_quantized=as_quantized,
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )

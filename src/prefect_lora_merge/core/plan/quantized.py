@@ -3,11 +3,14 @@ stored part of a quantized weight becomes (`QuantizedRole`)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from ..errors import CheckpointFormatError, LoraMergeError
 from ..formats import FORMATS, WeightFormat
 from ..formats.base import QuantizedWeight, TensorRef, quantization_configs
+from ..formats.bitsandbytes import AsQuantized, round_trip_weights
 from ..safetensors_format import ShardHeader, TensorEntry
 from ..update import Update
 from .model import QuantizedRole
@@ -16,18 +19,42 @@ OutputDtype = Literal["auto", "bf16", "keep", "fp8"]
 OUTPUT_DTYPES = ("auto", "bf16", "keep", "fp8")  # fp8: what `keep` was called while block-FP8 was the only format
 
 
+def stored_refs(headers: list[ShardHeader]) -> dict[str, TensorRef]:
+    """Every stored tensor of the base by name, with where its bytes are."""
+    return {e.name: TensorRef(file=h.file, data_start=h.data_start, entry=e) for h in headers for e in h.tensors}
+
+
 def find_quantized_weights(
-    where: str, config: dict[str, Any], headers: list[ShardHeader]
+    where: str, config: dict[str, Any], headers: list[ShardHeader], read: Callable[[TensorRef], bytes]
 ) -> tuple[WeightFormat | None, dict[str, QuantizedWeight]]:
-    """The base's quantized weight format and its weights by logical name, from config.json and the headers."""
-    refs = {e.name: TensorRef(file=h.file, data_start=h.data_start, entry=e) for h in headers for e in h.tensors}
-    found = [(fmt, weights) for fmt in FORMATS if (weights := fmt.detect(config, refs, where))]
+    """The base's quantized weight format and its weights by logical name, from config.json and the headers (and
+    the few small tensors a format keeps its settings in, through `read`)."""
+    refs = stored_refs(headers)
+    found = [(fmt, weights) for fmt in FORMATS if (weights := fmt.detect(config, refs, where, read))]
     if len(found) > 1:
         raise CheckpointFormatError(
             f"{where} holds weights of {len(found)} quantized formats ({', '.join(f.label for f, _ in found)}); a "
             "checkpoint in one format is merged, a mixture is not"
         )
     return found[0] if found else (None, {})
+
+
+def as_quantized_weights(
+    where: str, fmt: WeightFormat | None, headers: list[ShardHeader], config: dict[str, Any], settings: AsQuantized
+) -> dict[str, QuantizedWeight]:
+    """The base's weights that `--as-quantized` puts through the 4-bit round trip (a 16-bit base only)."""
+    if fmt is not None:
+        raise LoraMergeError(
+            f"--as-quantized simulates a 4-bit load of a 16-bit base, and {where} is {fmt.label} already: its weights "
+            "are the ones a model loaded from it computes with; leave --as-quantized off"
+        )
+    tied = "lm_head.weight" if config.get("tie_word_embeddings") else None
+    weights = round_trip_weights(stored_refs(headers), settings, tied)
+    if not weights:
+        raise LoraMergeError(
+            f"--as-quantized: {where} has no 2-D floating Linear weight a 4-bit load would quantize; leave it off"
+        )
+    return weights
 
 
 def output_mode(output_dtype: str, fmt: WeightFormat | None, where: str) -> Literal["keep", "bf16"]:
@@ -42,6 +69,12 @@ def output_mode(output_dtype: str, fmt: WeightFormat | None, where: str) -> Lite
                 "this tool reads; leave --output-dtype at auto (every tensor keeps its dtype)"
             )
         return "keep"
+    if output_dtype in ("keep", "fp8") and not fmt.keeps:
+        raise LoraMergeError(
+            f"--output-dtype {output_dtype}: {where} is {fmt.label}, which this tool writes in bf16 only (bitsandbytes "
+            "quantizes when a model loads, from its bf16 weights); leave --output-dtype at auto, and load the merged "
+            "model with a BitsAndBytesConfig to get it in 4 or 8 bits again"
+        )
     if output_dtype == "fp8" and fmt.key != "block-fp8":
         raise LoraMergeError(
             f"--output-dtype fp8 keeps a block-FP8 base's format, and {where} is {fmt.label}; use --output-dtype keep "
@@ -95,3 +128,40 @@ def mode_decision(fmt: WeightFormat, weights: dict[str, QuantizedWeight], update
         f"{fmt.label} base kept in {fmt.label}: {touched} touched weight(s) re-quantized with fresh scales (see the "
         f"delta survival figures), {len(weights) - touched} untouched quantized weight(s) kept as they are"
     )
+
+
+def round_trip_decision(settings: AsQuantized, weights: dict[str, QuantizedWeight], updates: dict[str, Any]) -> str:
+    touched = sum(1 for name in weights if name in updates)
+    return (
+        f"--as-quantized {settings.quant_type}: {len(weights)} Linear weight(s) put through bitsandbytes' 4-bit round "
+        f"trip ({settings.describe()}) before the delta, as the QLoRA model the adapter was trained with computes "
+        f"({touched} of them touched); embeddings, the output head"
+        f"{' and ' + ', '.join(settings.skip) if settings.skip else ''} kept as stored"
+    )
+
+
+_QUANTIZED_REPO = re.compile(r"bnb[-_]?4bit|4bit[-_]?bnb|bnb[-_]?nf4|qlora", re.IGNORECASE)
+
+
+def qlora_hint(
+    adapter_config: dict[str, Any], fmt: WeightFormat | None, as_quantized: AsQuantized | None
+) -> str | None:
+    """Where the adapter says it was trained on a bitsandbytes 4-bit checkpoint: the two merges a QLoRA adapter can
+    have, and which one this is."""
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if not isinstance(trained_on, str) or not _QUANTIZED_REPO.search(trained_on):
+        return None
+    if fmt is not None and fmt.key == "bnb-4bit":
+        return (
+            f"the adapter was trained on {trained_on} (bitsandbytes 4-bit): this merge adds its delta to the weights "
+            "bitsandbytes dequantizes, the ones it was trained against; to merge into the original 16-bit weights "
+            "instead, pass that checkpoint as --base (with --as-quantized nf4 and the settings it was quantized with, "
+            "that gives about this merge back); see the README's QLoRA section for which to choose"
+        )
+    if fmt is None and as_quantized is None:
+        return (
+            f"the adapter was trained on {trained_on} (bitsandbytes 4-bit) and this base is 16-bit: the delta goes "
+            "onto the 16-bit weights, not the 4-bit ones it was trained against; pass --as-quantized nf4 to merge "
+            "into those instead (the run then reports, per tensor, how far apart the two are: ‖Q(W) − W‖ / ‖ΔW‖)"
+        )
+    return None
