@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import zoo
-from checkpoint_tools import tree_digest, write_checkpoint
+from checkpoint_tools import write_checkpoint
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import BdLoraConfig, MontecloraConfig, VeloraConfig
 from safetensors import safe_open
@@ -250,23 +250,10 @@ def _adapter(model, directory: Path, targets: list[str], **config) -> Path:
 
 @pytest.fixture(scope="module")
 def unquantized_llama(tmp_path_factory):
-    """A tiny llama, an adapter on q_proj, one on lm_head (which bitsandbytes and compressed-tensors leave alone)."""
+    """A tiny llama, an adapter on q_proj, one on lm_head (which quantizers leave alone)."""
     root = tmp_path_factory.mktemp("llama")
     model = _llama(root / "base")
     return root, _adapter(model, root / "q_proj", ["q_proj"]), _adapter(model, root / "lm_head", ["lm_head"])
-
-
-def _bitsandbytes(root: Path, name: str, **quantization) -> Path:
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = LlamaForCausalLM.from_pretrained(
-            root / "base", quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu"
-        )
-        model.save_pretrained(root / name)
-    return root / name
 
 
 def assert_quantized_refusal(base: Path, adapter: Path, out: Path, *fragments: str) -> None:
@@ -287,35 +274,6 @@ def assert_merges_untouched_quantized_tensors_as_bytes(base: Path, adapter: Path
     assert result.report.passed, result.report.failures
     original, merged = load_file(str(base / "model.safetensors")), output_tensors(out)
     assert [k for k in original if not torch.equal(_bits(original[k]), _bits(merged[k]))] == ["lm_head.weight"]
-
-
-def test_a_bitsandbytes_nf4_base_is_refused_by_name_in_one_line_through_the_cli(unquantized_llama, capsys):
-    root, q_proj, lm_head = unquantized_llama
-    base = _bitsandbytes(root, "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    before = tree_digest(base)
-    capsys.readouterr()  # what quantizing printed
-    with pytest.raises(SystemExit):
-        main(["plan", "--base", str(base), "--adapter", str(q_proj), "--output", str(root / "nf4-out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lora-merge: error:"), err
-    for fragment in (
-        "is a quantized checkpoint (bitsandbytes nf4",
-        "model.layers.0.self_attn.q_proj.weight",
-        "not supported",
-    ):
-        assert fragment in err[0], err[0]
-    assert tree_digest(base) == before and not (root / "nf4-out").exists()
-    # an adapter on a module bitsandbytes left in float merges; the packed weights are copied byte for byte
-    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "nf4-lm_head")
-
-
-def test_a_bitsandbytes_int8_base_is_refused_by_name(unquantized_llama):
-    root, q_proj, lm_head = unquantized_llama
-    base = _bitsandbytes(root, "int8", load_in_8bit=True)
-    assert_quantized_refusal(
-        base, q_proj, root / "int8-out", "is a quantized checkpoint (bitsandbytes int8", "q_proj.weight"
-    )
-    assert_merges_untouched_quantized_tensors_as_bytes(base, lm_head, root / "int8-lm_head")
 
 
 def _rewrite(base: Path, target: Path, rewrite, quantization_config: dict) -> Path:

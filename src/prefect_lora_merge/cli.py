@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
             "--as-quantized-skip",
             action="append",
             metavar="MODULE",
-            help="with --as-quantized: a module the 4-bit load kept in 16 bits (llm_int8_skip_modules); repeat it",
+            help="with --as-quantized: a module the 4-bit load kept in 16 bits (llm_int8_skip_modules; repeat it). "
+            "As in transformers, the list replaces the default, the output head: add lm_head to keep it",
         )
 
     run = sub.add_parser("run", help="merge through the Prefect flow")

@@ -67,7 +67,8 @@ class MergeParameters(BaseModel):
     as_quantized_skip: list[str] = Field(
         default_factory=list,
         description="With as_quantized: modules the 4-bit load kept in 16 bits (BitsAndBytesConfig's "
-        "llm_int8_skip_modules), by name or suffix; embeddings and the output head always are.",
+        "llm_int8_skip_modules), by name or suffix. Embeddings always are; as in transformers, a list given here "
+        "replaces the default (the output head): name lm_head in it too to keep it.",
     )
     runner: Literal["threads", "dask"] = Field(
         "threads",

@@ -543,7 +543,9 @@ class AsQuantized(BaseModel):
     quant_type: Literal["nf4", "fp4"]
     blocksize: int = 64
     double_quant: bool = True
-    skip: tuple[str, ...] = ()  # modules_to_not_convert: modules (name or suffix) kept in 16 bits
+    # llm_int8_skip_modules: the modules (name or suffix) kept in 16 bits; given, it replaces transformers' default
+    # (the output head), as in transformers
+    skip: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return (
@@ -551,8 +553,8 @@ class AsQuantized(BaseModel):
         )
 
 
-# Modules transformers' bitsandbytes load leaves in 16 bits whatever the settings: embeddings (not Linear layers)
-# and the output head (`get_keys_to_not_convert`).
+# What transformers' bitsandbytes load leaves in 16 bits: embeddings (not Linear layers) always, the output head
+# unless llm_int8_skip_modules is given (`get_keys_to_not_convert`, its default).
 _EMBEDDINGS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared")
 _HEADS = ("lm_head", "embed_out", "output", "output_layer")
 
@@ -561,7 +563,8 @@ def round_trip_weights(
     refs: dict[str, TensorRef], settings: AsQuantized, tied_head: str | None
 ) -> dict[str, QuantizedWeight]:
     """The weights a 4-bit load of this base would quantize: every 2-D floating `<module>.weight` of a Linear
-    layer, that is all but embeddings, the output head (and the embedding tied to it) and `settings.skip`."""
+    layer, that is all but embeddings, and of those all but `settings.skip` where given, else all but the output
+    head (transformers' own default; a `llm_int8_skip_modules` list replaces it, as it does in transformers)."""
     weights: dict[str, QuantizedWeight] = {}
     for name, ref in refs.items():
         entry = ref.entry
@@ -569,8 +572,11 @@ def round_trip_weights(
             continue
         module = name[: -len(".weight")]
         leaf = module.rsplit(".", 1)[-1]
-        if any(key in leaf for key in _EMBEDDINGS) or leaf in _HEADS or name == tied_head:
-            continue
+        if any(key in leaf for key in _EMBEDDINGS):
+            continue  # not a Linear layer
+        if not settings.skip and (leaf in _HEADS or name == tied_head):
+            continue  # transformers' default modules_to_not_convert: the output head
+
         if any(module == s or module.endswith(f".{s}") or f".{s}." in f".{module}." for s in settings.skip):
             continue
         weights[name] = QuantizedWeight(

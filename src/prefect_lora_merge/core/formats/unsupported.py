@@ -1,7 +1,8 @@
 """Quantized base checkpoints this tool cannot merge into yet, recognised by the tensors they store.
 
-bitsandbytes, NVFP4, GPTQ and AWQ checkpoints (and compressed-tensors or MXFP4 ones in a variant the formats here do
-not read) keep a weight as packed integers with companion tensors (scales, code books, shapes), often under other
+NVFP4, GPTQ and AWQ checkpoints (and compressed-tensors, MXFP4 or bitsandbytes ones in a variant the formats here do
+not read, or without the quantization_config that says how to read them) keep a weight as packed integers with
+companion tensors (scales, code books, shapes), often under other
 names than the weight's: `q_proj.weight` as U8 [n, 1] beside `q_proj.weight.absmax`, `q_proj.weight` as
 `q_proj.qweight`. A LoRA delta cannot be added to those bytes. Planning refuses a merge that touches one by naming
 the format, instead of reporting a packed tensor's shape as a mismatch; quantized weights the adapter does not touch
@@ -58,6 +59,12 @@ class UnsupportedBase(BaseModel):
 
     def refusal(self, touched: list[UnsupportedWeight]) -> UnsupportedBaseError:
         first = touched[0]
+        if first.scheme.startswith("bitsandbytes") and self.method != "bitsandbytes":
+            return UnsupportedBaseError(
+                f"{self.where} stores {first.name} as {first.scheme} ({first.stored}), but its config.json has no "
+                "bitsandbytes quantization_config, which says how those tensors are read; put back the config.json "
+                "transformers saved with the checkpoint"
+            )
         declared = f", config.json quantization_config.quant_method {self.method!r}" if self.method else ""
         more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
         stored = "" if first.stored == first.name else f", stored as {first.stored}"

@@ -135,12 +135,13 @@ def round_trip_decision(settings: AsQuantized, weights: dict[str, QuantizedWeigh
     return (
         f"--as-quantized {settings.quant_type}: {len(weights)} Linear weight(s) put through bitsandbytes' 4-bit round "
         f"trip ({settings.describe()}) before the delta, as the QLoRA model the adapter was trained with computes "
-        f"({touched} of them touched); embeddings, the output head"
-        f"{' and ' + ', '.join(settings.skip) if settings.skip else ''} kept as stored"
+        f"({touched} of them touched); embeddings and "
+        f"{', '.join(settings.skip) if settings.skip else 'the output head'} kept as stored"
     )
 
 
-_QUANTIZED_REPO = re.compile(r"bnb[-_]?4bit|4bit[-_]?bnb|bnb[-_]?nf4|qlora", re.IGNORECASE)
+# How 4-bit bitsandbytes repos are named (Unsloth's `*-bnb-4bit`, `*-4bit-bnb`, `*-bnb-nf4`).
+_QUANTIZED_REPO = re.compile(r"bnb[-_.]?4bit|4bit[-_.]?bnb|bnb[-_.]?nf4", re.IGNORECASE)
 
 
 def qlora_hint(
