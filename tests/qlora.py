@@ -27,6 +27,8 @@ NF4 = dict(
 QUANTIZATIONS = {
     "nf4": NF4,
     "nf4-single": {**NF4, "bnb_4bit_use_double_quant": False},
+    # FSDP-QLoRA stores the packed codes in the weights' dtype (same bytes, another shape)
+    "nf4-bf16-storage": {**NF4, "bnb_4bit_quant_storage": torch.bfloat16},
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
     "int8": dict(load_in_8bit=True),
 }
@@ -90,10 +92,11 @@ def oracle_weights(directory: Path) -> dict[str, torch.Tensor]:
     dtype it was quantized from; LLM.int8: float32), by name."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         _quiet()
-        model = load_quantized(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu", torch_dtype=torch.bfloat16)
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -103,14 +106,15 @@ def oracle_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def peft_deltas(base16: Path, adapter: Path) -> dict[str, torch.Tensor]:
-    """PEFT's float32 ΔW of every module the adapter targets, by weight name."""
+def peft_deltas(base16: Path, adapter: Path, model_class=None) -> dict[str, torch.Tensor]:
+    """PEFT's float32 ΔW of every module the adapter targets (in the weight's own orientation), by weight name."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
+    model_class = model_class or LlamaForCausalLM
     with warnings.catch_warnings():
         _quiet()
-        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base16, torch_dtype=torch.float32), adapter)
+        model = PeftModel.from_pretrained(model_class.from_pretrained(base16, torch_dtype=torch.float32), adapter)
     deltas = {}
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):

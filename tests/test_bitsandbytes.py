@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("bitsandbytes")
 
@@ -74,6 +75,7 @@ def _stored_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bloc
         "dtype": {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[weight.dtype],
         "nested": double_quant,
         "storage_itemsize": 1,
+        "stored_shape": list(weight.shape),
     }
     if double_quant:
         parts |= {"nested_absmax": state.state2.absmax, "nested_quant_map": state.state2.code}
@@ -148,7 +150,7 @@ def test_the_round_trip_is_bitsandbytes_quantize_then_dequantize(quant_type, dty
 # -- bitsandbytes bases, merged ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nf4", "nf4-single", "fp4", "int8"])
+@pytest.mark.parametrize("name", ["nf4", "nf4-single", "nf4-bf16-storage", "fp4", "int8"])
 def test_a_bitsandbytes_base_merges_to_its_own_dequantization_plus_peft_delta_rounded_once(case, deltas, merged, name):
     result = merged[name]
     assert result.report.passed, result.report.failures
@@ -392,17 +394,20 @@ def test_a_quant_state_whose_shape_does_not_fit_the_packed_codes_is_refused(case
     lied = json.dumps({**state, "shape": [state["shape"][0] * 2, state["shape"][1] // 2 + 1]}).encode()
     size = _size_of(case, STATE)
     base = _broken_copy(case, tmp_path, STATE, _replace_bytes(STATE, lied.ljust(size)[:size]))
-    with pytest.raises(CheckpointFormatError, match=r"q_proj.weight \(.*\) holds \d+ bytes; nf4 codes of a"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"q_proj.weight \(.*\) is U8 \[\d+, 1\]; the nf4 codes of a \[\d+, \d+\] weight are \d+ bytes",
+    ):
         make_plan(str(base), str(case.adapter), str(tmp_path / "o"))
 
 
-def test_a_quant_map_that_is_not_bitsandbytes_table_fails_the_merge_and_publishes_nothing(case, tmp_path):
+def test_a_quant_map_that_is_not_bitsandbytes_table_is_refused_before_anything_is_written(case, tmp_path):
     tensor = "model.layers.0.self_attn.q_proj.weight.quant_map"
     table = bnb_format.code_values("nf4").flip(0).contiguous()
     base = _broken_copy(case, tmp_path, tensor, _replace_bytes(tensor, table.view(torch.uint8).numpy().tobytes()))
     with pytest.raises(CheckpointFormatError, match=rf"{tensor} \(.*\) is not bitsandbytes' nf4 code table"):
         merge_checkpoint(str(base), str(case.adapter), str(tmp_path / "o"))
-    assert not (tmp_path / "o" / MANIFEST_FILE).exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_missing_companion_is_refused_naming_it(case, tmp_path):
@@ -433,6 +438,105 @@ def test_4bit_tensors_without_their_quantization_config_are_refused_saying_so(ca
     del config["quantization_config"]
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedBaseError, match=r"no bitsandbytes quantization_config"):
+        make_plan(str(base), str(case.adapter), str(tmp_path / "o"))
+
+
+def _rewritten(source: Path, target: Path, edit) -> Path:
+    """A copy of a checkpoint with `edit(tensors)` applied to each shard's tensors (a dict it may change)."""
+    shutil.copytree(source, target)
+    index_path = target / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(target / shard))
+        edit(tensors)
+        save_file(tensors, str(target / shard), metadata={"format": "pt"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard} | dict.fromkeys(
+            tensors, shard
+        )
+    index_path.write_text(json.dumps(index))
+    return target
+
+
+def _state_edit(**changes):
+    """An edit of q_proj's quant_state JSON (a value None removes the key)."""
+
+    def edit(tensors):
+        if STATE in tensors:
+            state = json.loads(bytes(tensors[STATE].tolist()))
+            state = {k: v for k, v in {**state, **changes}.items() if v is not None}
+            tensors[STATE] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"blocksize": 64.0}, "blocksize 64.0 is not one bitsandbytes uses"),
+        ({"blocksize": True}, "blocksize True is not one"),
+        ({"dtype": ["bfloat16"]}, "dtype ['bfloat16'] is not bfloat16, float16 or float32"),
+        ({"shape": [128 * 128]}, "is not two positive sizes"),
+        ({"shape": [128, True]}, "is not two positive sizes"),
+        ({"shape": [10**12, 10**12]}, "nf4 codes of a"),
+        ({"nested_blocksize": True}, "nested_blocksize True is not one bitsandbytes uses"),
+        ({"nested_offset": float("nan")}, "nested_offset nan is not a finite number"),
+        ({"nested_offset": "0.5"}, "nested_offset '0.5' is not a finite number"),
+        ({"nested_dtype": "float16"}, "nested_dtype 'float16' is not float32"),
+        ({"quant_type": "fp4"}, "says quant_type 'fp4' under a __nf4 name"),
+    ],
+)
+def test_a_damaged_quant_state_is_refused_naming_it_and_the_setting(case, tmp_path, changes, fragment):
+    base = _rewritten(case.quantized["nf4"], tmp_path / "broken", _state_edit(**changes))
+    with pytest.raises(CheckpointFormatError) as error:
+        make_plan(str(base), str(case.adapter), str(tmp_path / "o"))
+    assert fragment in str(error.value) and "q_proj.weight" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda t: t.__setitem__(STATE, torch.zeros(70_000, dtype=torch.uint8)), "at most 65536 bytes"),
+        (lambda t: t.__setitem__(STATE, torch.zeros(4, 50, dtype=torch.uint8)), "one dimension"),
+        (
+            lambda t: t.__setitem__(STATE, torch.tensor(list(b"[" * 5000 + b"]" * 5000), dtype=torch.uint8)),
+            "is not the JSON bitsandbytes writes",
+        ),
+        (
+            lambda t: t.__setitem__(
+                f"{STATE[: STATE.index('.quant_state')]}.absmax",
+                t[STATE.replace("quant_state.bitsandbytes__nf4", "absmax")].reshape(-1, 1),
+            ),
+            "needs U8 [",
+        ),
+        (
+            lambda t: t.__setitem__(
+                STATE[: STATE.index(".quant_state")], t[STATE[: STATE.index(".quant_state")]].reshape(-1)
+            ),
+            "stored as [n, 1]",
+        ),
+    ],
+    ids=["huge-quant-state", "2-d-quant-state", "deep-json", "absmax-as-column", "packed-as-vector"],
+)
+def test_damaged_bitsandbytes_tensors_are_refused_naming_them(case, tmp_path, edit, fragment):
+    def apply(tensors):
+        if STATE in tensors:
+            edit(tensors)
+
+    base = _rewritten(case.quantized["nf4"], tmp_path / "broken", apply)
+    with pytest.raises(CheckpointFormatError) as error:
+        make_plan(str(base), str(case.adapter), str(tmp_path / "o"))
+    assert fragment in str(error.value) and "q_proj.weight" in str(error.value), str(error.value)
+
+
+def test_an_int8_weight_in_a_gpu_layout_is_refused_as_bitsandbytes_refuses_it(case, tmp_path):
+    layout = "model.layers.0.self_attn.q_proj.weight_format"
+
+    def turing(tensors):
+        if layout in tensors:
+            tensors[layout] = torch.tensor(2, dtype=torch.uint8)
+
+    base = _rewritten(case.quantized["int8"], tmp_path / "turing", turing)
+    with pytest.raises(CheckpointFormatError, match=rf"{layout} \(.*\) is col_turing, not row"):
         make_plan(str(base), str(case.adapter), str(tmp_path / "o"))
 
 
@@ -490,3 +594,120 @@ def test_the_measured_peak_for_a_4bit_base_stays_within_the_plans_estimate(tmp_p
     used = figures["after"] - figures["before"]
     print(f"\nmeasured {used / 2**20:.0f} MiB over the process's start, estimate {figures['estimate'] / 2**20:.0f} MiB")
     assert 4 * 4096 * 8192 <= used <= figures["estimate"], figures
+
+
+# -- other architectures: MoE, GPT-2's Conv1D ----------------------------------------------------------------------
+
+
+def _tiny(kind: str):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+    )
+
+    common = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    if kind == "mixtral":
+        config = MixtralConfig(hidden_size=64, intermediate_size=128, num_local_experts=4, **common)
+        return MixtralForCausalLM(config), ["q_proj"]
+    if kind == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+            num_experts=4, **common,
+        )  # fmt: skip
+        return Qwen2MoeForCausalLM(config), ["q_proj"]
+    config = GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config), ["c_attn", "c_fc"]
+
+
+@pytest.fixture(scope="module")
+def architectures(tmp_path_factory):
+    """Tiny Mixtral, Qwen2-MoE and GPT-2: bf16 checkpoint, its nf4 (no double quantization) save, an adapter."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("architectures")
+    built = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kind in ("mixtral", "qwen2_moe", "gpt2"):
+            torch.manual_seed(0)
+            model, targets = _tiny(kind)
+            model = model.to(torch.bfloat16)
+            model.save_pretrained(root / kind)
+            quantized = type(model).from_pretrained(
+                root / kind, quantization_config=_bnb_config(qlora.QUANTIZATIONS["nf4-single"]), device_map="cpu",
+                torch_dtype=torch.bfloat16,
+            )  # fmt: skip
+            quantized.save_pretrained(root / f"{kind}-nf4")
+            peft_model = get_peft_model(model, LoraConfig(target_modules=targets, init_lora_weights=False))
+            peft_model.save_pretrained(root / f"{kind}-adapter")
+            built[kind] = (root / kind, root / f"{kind}-nf4", root / f"{kind}-adapter", quantized)
+    return built
+
+
+def _bnb_config(settings):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**settings)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt2"])
+def test_as_quantized_rounds_what_transformers_quantizes_in_moe_and_conv1d_models(architectures, kind, tmp_path):
+    """transformers 5 keeps MoE experts (fused parameters) and routers in 16 bits, quantizes shared experts and
+    their gate, and GPT-2's Conv1D layers (transposed)."""
+    import bitsandbytes as bnb
+
+    base, _, adapter, quantized = architectures[kind]
+    expected = {f"{n}.weight" for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plan = make_plan(str(base), str(adapter), str(tmp_path / "o"), as_quantized=NF4)
+    rounded = {t.name for s in plan.shards for t in s.tensors if t.quantized is not None}
+    assert rounded == expected, rounded ^ expected
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt2"])
+def test_as_quantized_equals_merging_into_transformers_own_4bit_save_of_the_same_base(architectures, kind, tmp_path):
+    base, four_bit, adapter, _ = architectures[kind]
+    single = as_quantized_settings("nf4", double_quant=False)
+    round_tripped = merge_checkpoint(str(base), str(adapter), str(tmp_path / "a"), as_quantized=single)
+    from_4bit = merge_checkpoint(str(four_bit), str(adapter), str(tmp_path / "b"))
+    assert round_tripped.report.passed and from_4bit.report.passed, (
+        round_tripped.report.failures,
+        from_4bit.report.failures,
+    )
+    a, b = stored_tensors(tmp_path / "a"), stored_tensors(tmp_path / "b")
+    assert set(a) == set(b) == set(stored_tensors(base))
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+
+
+def test_a_gpt2_4bit_base_is_written_in_its_conv1d_orientation_and_loads_as_gpt2(architectures, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    base, four_bit, adapter, _ = architectures["gpt2"]
+    result = merge_checkpoint(str(four_bit), str(adapter), str(tmp_path / "out"))
+    assert result.report.passed, result.report.failures
+    oracle = qlora.oracle_weights(four_bit)  # bitsandbytes' [out, in]
+    deltas = qlora.peft_deltas(base, adapter, model_class=GPT2LMHeadModel)  # PEFT's, in Conv1D's [in, out]
+    out = stored_tensors(tmp_path / "out")
+    for name, dequantized in oracle.items():
+        expected = dequantized.float().t() + deltas.get(name, 0)
+        assert torch.equal(out[name], expected.to(torch.bfloat16)), name
+    GPT2LMHeadModel.from_pretrained(tmp_path / "out")  # the shapes a bf16 GPT-2 has
+
+
+@pytest.mark.parametrize(
+    "pattern", ["o_proj", "model.layers.1", "model.layers.1.mlp", "layers.*.mlp", "mlp.gate", "proj", "lm_head"]
+)
+def test_skip_patterns_match_modules_as_transformers_matches_them(pattern):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    modules = [
+        "model.layers.1.self_attn.o_proj", "model.layers.11.mlp.up_proj", "model.layers.1.mlp.gate_proj",
+        "model.layers.0.mlp.gate", "lm_head", "model.layers.1.mlp.down_proj",
+    ]  # fmt: skip
+    for module in modules:
+        assert bnb_format.skipped(module, (pattern,)) == (not should_convert_module(module, [pattern])), module

@@ -531,6 +531,10 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         changes = report.largest_changes()
         if changes:
             _print_largest_change(changes[0])
+        if report.round_trip_shifts:
+            from prefect_lora_merge.core.formats.survival import round_trip_summary
+
+            print(f"as-quantized: {round_trip_summary(report.round_trip_shifts)}")
     if not report.passed:
         raise ValidationFailed(report.failures)
     return 0

@@ -190,16 +190,13 @@ class _TensorCheck:
         self.requantized = tensor.quantized is not None and tensor.quantized.write == "requantized"
         # A re-quantized weight is checked in whole runs of rows that share scales: its scales come from them.
         self.align = self.format.row_alignment(self.weight) if self.requantized else 1
+        self._whole_base: torch.Tensor | None = None  # see _base_rows
 
     def run(self, problems: list[str]) -> TensorNumbers | None:
         tensor = self.tensor
         if self.entry is None or self.entry.shape != tensor.shape or self.entry.dtype != tensor.dtype:
             return None  # structure checks already name it
-        whole = (
-            self.out_rows * self.cols <= ALL_ROWS_UP_TO
-            or not _row_local(tensor)
-            or (self.format is not None and not self.format.row_local)  # a round trip: rows depend on the whole
-        )
+        whole = self.out_rows * self.cols <= ALL_ROWS_UP_TO or not _row_local(tensor)
         runs = [slice(0, self.out_rows)] if whole else _sample_runs(tensor.name, self.out_rows, self.cols, self.align)
         checked, flips, base_sq, change_sq = 0, 0, 0.0, 0.0
         for rows in runs:
@@ -233,6 +230,13 @@ class _TensorCheck:
         tensor = self.tensor
         if self.weight is not None:
             assert self.format is not None
+            if not self.format.row_local(self.weight):
+                # rows that depend on the whole weight: dequantized whole once (float32), sampled from that
+                if self._whole_base is None:
+                    everything = slice(0, self.out_rows)
+                    parts = self._parts_rows(self.plan.job.base, everything)
+                    self._whole_base = self.format.dequantize(self.weight, parts).reshape(self.out_rows, self.cols)
+                return self._whole_base[rows].to(torch.float64)
             return self.format.decode(self.weight, self._parts_rows(self.plan.job.base, rows), rows)
         base_rows, _ = _as_rows(tensor.base.shape)
         if rows.stop > base_rows:  # a resized embedding's new rows: the adapter replaces the whole tensor

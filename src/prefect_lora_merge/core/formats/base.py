@@ -73,7 +73,6 @@ class WeightFormat(Protocol):
     label: str  # the name in messages: "block-FP8", "compressed-tensors INT4 pack-quantized", "MXFP4"
     work_copies: int  # full-size float32 copies of a weight a re-quantization holds at once (memory estimate)
     keeps: bool  # whether an output can keep the format (touched weights re-quantized); else it is written in bf16
-    row_local: bool  # whether `decode` of some rows needs only their `part_rows` (else validation reads it whole)
 
     def detect(
         self,
@@ -87,6 +86,11 @@ class WeightFormat(Protocol):
         tensor's bytes, for a format that keeps its settings in tensors (bitsandbytes' quant_state). Raises
         errors.CheckpointFormatError naming the tensors when the config declares this format but the tensors do not
         fit it (a missing scale, a wrong dtype or shape)."""
+        ...
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        """Whether `decode` of some rows needs only their `part_rows`; else validation dequantizes the weight whole
+        once and samples rows of that (a round trip's double quantization, a transposed GPT-2 `Conv1D` weight)."""
         ...
 
     def dequantize(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -38,12 +39,15 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import CheckpointFormatError, LoraMergeError
-from ..safetensors_format import FLOAT_DTYPES, torch_dtype
+from ..safetensors_format import DTYPES, FLOAT_DTYPES, torch_dtype
 from ..tiling import TileMerge, merge_rounded
 from .base import QuantizedWeight, TensorRef, listed, quantization_config
 from .survival import DeltaSurvival
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
+QUANT_STATE_LIMIT = 1 << 16  # bytes: bitsandbytes writes about 200; planning reads no more than this per weight
+# Models whose Linear layers are `Conv1D` ([in, out]): transformers quantizes (and saves) their transpose.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt")
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 NESTED_BLOCKSIZE = 256  # double quantization's block of absmax values (bitsandbytes' fixed choice)
@@ -220,8 +224,10 @@ class _NotRequantized:
     """The half of `WeightFormat` a format written only dequantized does not have (planning refuses `keep`)."""
 
     keeps = False
-    row_local = True
     work_copies = 3
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return True
 
     def quantize(self, weight: QuantizedWeight, values: torch.Tensor) -> dict[str, torch.Tensor]:
         raise LoraMergeError(f"internal error: {self.label} weights are not re-quantized")  # type: ignore[attr-defined]
@@ -248,7 +254,11 @@ def _declared(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class Bnb4bit(_NotRequantized):
-    """bitsandbytes 4-bit (nf4 / fp4, with or without double quantization) behind `base.WeightFormat`."""
+    """bitsandbytes 4-bit (nf4 / fp4, with or without double quantization) behind `base.WeightFormat`.
+
+    GPT-2-style models keep their Linear layers as `Conv1D` ([in, out]); transformers quantizes the transpose and
+    saves that, so such a weight is transposed back when dequantized (and validated whole: its rows are the stored
+    weight's columns)."""
 
     key = "bnb-4bit"
     label = "bitsandbytes 4-bit"
@@ -263,16 +273,28 @@ class Bnb4bit(_NotRequantized):
         if read is None:
             raise LoraMergeError("internal error: bitsandbytes detection needs to read quant_state tensors")
         problems: list[str] = []
+        small: list[str] = []  # the tensors planning reads: each weight's quant_state JSON and code table
+        for state in states:
+            problem = _small_tensor_problem(state, refs[state], {"U8"}, QUANT_STATE_LIMIT)
+            if problem:
+                problems.append(problem)
+                continue
+            small.append(state)
+            table = f"{state.split(QUANT_STATE)[0]}.quant_map"
+            if table in refs and not _small_tensor_problem(table, refs[table], {"F32"}, 16 * 4):
+                small.append(table)
         with ThreadPoolExecutor(max_workers=16) as pool:
-            blobs = dict(zip(states, pool.map(lambda n: read(refs[n]), states), strict=True))
+            blobs = dict(zip(small, pool.map(lambda n: read(refs[n]), small), strict=True))
+        transposed = str(config.get("model_type")) in CONV1D_MODEL_TYPES
         weights: dict[str, QuantizedWeight] = {}
         for state in states:
-            name, kind = state.split(QUANT_STATE)
-            found = _weight_4bit(name, kind, state, blobs[state], refs)
+            if state not in blobs:
+                continue
+            found = _weight_4bit(state, blobs, refs, transposed)
             if isinstance(found, str):
                 problems.append(found)
             else:
-                weights[name] = found
+                weights[found.name] = found
         if not weights and not problems:
             problems.append(
                 f"quantization_config says bitsandbytes 4-bit but no tensor is named <weight>{QUANT_STATE}nf4 or ...fp4"
@@ -283,6 +305,9 @@ class Bnb4bit(_NotRequantized):
             )
         return weights
 
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return not weight.params.get("transposed")
+
     def dequantize(
         self,
         weight: QuantizedWeight,
@@ -291,21 +316,21 @@ class Bnb4bit(_NotRequantized):
         dtype: torch.dtype = torch.float32,
         merge: TileMerge | None = None,
     ) -> torch.Tensor:
-        _check_code(weight, parts)
         params = weight.params
+        stored = tuple(params["stored_shape"])
         values = dequantize_4bit(
-            parts["packed"],
-            absmax_values(weight, parts),
-            params["quant_type"],
-            params["blocksize"],
-            weight.shape,
+            parts["packed"], absmax_values(weight, parts), params["quant_type"], params["blocksize"], stored,
             params["dtype"],
-        )
+        )  # fmt: skip
+        if params.get("transposed"):
+            values = values.t().contiguous()
         return merge_rounded(values, dtype, merge)
 
     def part_rows(self, weight: QuantizedWeight, role: str, rows: slice) -> slice:
         if role != "packed":
             return slice(0, 1)  # a vector is one row: read whole (absmax is n/blocksize values)
+        if weight.params.get("transposed"):
+            return slice(0, weight.parts["packed"].entry.shape[0])
         first, last = _block_span(weight, rows)
         blocksize = weight.params["blocksize"]
         itemsize = weight.params["storage_itemsize"]
@@ -317,12 +342,14 @@ class Bnb4bit(_NotRequantized):
         """Textbook, in float64: code value times the block's absmax (decoded from the nested map with the offset
         under double quantization), rounded to the weight's quantization dtype as bitsandbytes hands it over."""
         params = weight.params
-        blocksize, cols = params["blocksize"], weight.shape[-1] if len(weight.shape) > 1 else 1
-        first, _ = _block_span(weight, rows)
-        span = self.part_rows(weight, "packed", rows)
+        stored_rows, cols = params["stored_shape"]
+        wanted = slice(0, stored_rows) if params.get("transposed") else rows
+        blocksize = params["blocksize"]
+        first, _ = _block_span(weight, wanted)
+        span = self.part_rows(weight, "packed", wanted)
         skip = first * blocksize // 2 - span.start * params["storage_itemsize"]
         data = parts["packed"].reshape(-1).view(torch.uint8)[skip:]
-        start, stop = rows.start * cols, rows.stop * cols
+        start, stop = wanted.start * cols, wanted.stop * cols
         codes = torch.stack([data >> 4, data & 0x0F], dim=-1).reshape(-1).to(torch.int64)
         table = torch.tensor(
             _NF4 if params["quant_type"] == "nf4" else [v / 12.0 for v in _FP4_RAW], dtype=torch.float64
@@ -335,95 +362,126 @@ class Bnb4bit(_NotRequantized):
             absmax = nested_map[absmax.view(torch.uint8).to(torch.int64)] * scale + params["nested_offset"]
         absmax = absmax.to(torch.float64)
         positions = torch.arange(start, stop)
-        local = positions - first * blocksize
-        values = table[codes[local]] * absmax[positions // blocksize]
-        rounded = values.to(torch_dtype(params["dtype"])).to(torch.float64)
-        return rounded.view(rows.stop - rows.start, cols)
+        values = table[codes[positions - first * blocksize]] * absmax[positions // blocksize]
+        rounded = values.to(torch_dtype(params["dtype"])).to(torch.float64).view(-1, cols)
+        return rounded.t()[rows] if params.get("transposed") else rounded
 
 
 def _block_span(weight: QuantizedWeight, rows: slice) -> tuple[int, int]:
-    """The blocks [first, last) holding logical rows `rows`."""
-    cols = weight.shape[-1] if len(weight.shape) > 1 else 1
+    """The blocks [first, last) holding rows `rows` of the weight as stored."""
+    cols = weight.params["stored_shape"][1]
     blocksize = weight.params["blocksize"]
     return rows.start * cols // blocksize, math.ceil(rows.stop * cols / blocksize)
 
 
-def _check_code(weight: QuantizedWeight, parts: dict[str, torch.Tensor]) -> None:
-    stored = parts["quant_map"].reshape(-1).float()
-    expected = code_values(weight.params["quant_type"], stored.device)
-    if stored.numel() != 16 or not torch.equal(stored, expected):
-        raise CheckpointFormatError(
-            f"{weight.parts['quant_map'].entry.name} ({weight.parts['quant_map'].file}) is not bitsandbytes' "
-            f"{weight.params['quant_type']} code table, which bitsandbytes itself dequantizes with (it ignores the "
-            "stored one): the checkpoint was not written by bitsandbytes or is damaged"
+def _small_tensor_problem(name: str, ref: TensorRef, dtypes: set[str], limit: int) -> str | None:
+    """What keeps planning from reading a small settings tensor (quant_state JSON, code table), if anything."""
+    entry = ref.entry
+    if entry.dtype not in dtypes or len(entry.shape) != 1 or entry.nbytes > limit:
+        return (
+            f"{name} ({ref.file}) is {entry.dtype} {list(entry.shape)}; bitsandbytes stores it as "
+            f"{'/'.join(sorted(dtypes))}, one dimension, at most {limit} bytes"
         )
+    return None
 
 
-def _weight_4bit(name: str, kind: str, state: str, blob: bytes, refs: dict[str, TensorRef]) -> QuantizedWeight | str:
+def _exact_int(value: Any) -> bool:
+    return type(value) is int  # not a bool, not a float that happens to be whole
+
+
+def _weight_4bit(
+    state: str, blobs: dict[str, bytes], refs: dict[str, TensorRef], transposed: bool
+) -> QuantizedWeight | str:
     """One 4-bit weight from its quant_state JSON and companion tensors, or what is wrong with them."""
     where = refs[state].file
+    name, _, kind = state.rpartition(QUANT_STATE)
+    if not name or QUANT_STATE in name:
+        return f"{state} ({where}) is not named <weight>{QUANT_STATE}<type>"
     if kind not in QUANT_TYPES:
         return f"{state} ({where}): quant type {kind!r} is not nf4 or fp4"
     try:
-        meta = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return f"{state} ({where}) is not the JSON bitsandbytes writes"
+        meta = json.loads(blobs[state].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        meta = None
     if not isinstance(meta, dict):
         return f"{state} ({where}) is not the JSON bitsandbytes writes"
     shape, blocksize, dtype = meta.get("shape"), meta.get("blocksize"), meta.get("dtype")
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-        return f"{state} ({where}): shape {shape!r} is not a list of positive sizes"
-    if blocksize not in BLOCKSIZES:
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_exact_int(d) and d > 0 for d in shape)):
+        return f"{state} ({where}): shape {shape!r} is not two positive sizes (bitsandbytes quantizes Linear weights)"
+    if not _exact_int(blocksize) or blocksize not in BLOCKSIZES:
         return f"{state} ({where}): blocksize {blocksize!r} is not one bitsandbytes uses ({list(BLOCKSIZES)})"
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         return f"{state} ({where}): dtype {dtype!r} is not bfloat16, float16 or float32"
     if meta.get("quant_type", kind) != kind:
         return f"{state} ({where}) says quant_type {meta.get('quant_type')!r} under a __{kind} name"
     count = math.prod(shape)
     blocks = math.ceil(count / blocksize)
     nested = "nested_blocksize" in meta or "nested_offset" in meta
-    need: dict[str, tuple[set[str], int | None]] = {
-        "packed": (set(), None),
+    need: dict[str, tuple[set[str], int]] = {
         "absmax": ({"U8"} if nested else {"F32"}, blocks),
         "quant_map": ({"F32"}, 16),
     }
-    params: dict[str, Any] = {"quant_type": kind, "blocksize": blocksize, "dtype": _DTYPES[dtype], "nested": nested}
+    params: dict[str, Any] = {
+        "quant_type": kind, "blocksize": blocksize, "dtype": _DTYPES[dtype], "nested": nested,
+        "stored_shape": list(shape), "transposed": transposed and _is_conv1d(name),
+    }  # fmt: skip
     if nested:
         nested_blocksize, offset = meta.get("nested_blocksize"), meta.get("nested_offset")
-        if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
-            return f"{state} ({where}): nested_blocksize {nested_blocksize!r} is not a positive size"
-        if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        if not _exact_int(nested_blocksize) or nested_blocksize not in BLOCKSIZES:
+            return f"{state} ({where}): nested_blocksize {nested_blocksize!r} is not one bitsandbytes uses"
+        if type(offset) not in (int, float) or not math.isfinite(offset):
             return f"{state} ({where}): nested_offset {offset!r} is not a finite number"
         if meta.get("nested_dtype", "float32") != "float32":
             return f"{state} ({where}): nested_dtype {meta.get('nested_dtype')!r} is not float32"
         need["nested_absmax"] = ({"F32"}, math.ceil(blocks / nested_blocksize))
         need["nested_quant_map"] = ({"F32"}, 256)
         params.update(nested_blocksize=nested_blocksize, nested_offset=float(offset))
-    parts: dict[str, TensorRef] = {}
+    packed = refs.get(name)
+    if packed is None:
+        return f"{state} ({where}) has no {name} anywhere in the base"
+    entry = packed.entry
+    itemsize = DTYPES[entry.dtype][1] if entry.dtype in DTYPES else 0
+    if not itemsize or len(entry.shape) != 2 or entry.shape[1] != 1 or entry.nbytes != math.ceil(count / 2):
+        return (
+            f"{name} ({packed.file}) is {entry.dtype} {list(entry.shape)}; the {kind} codes of a {shape} weight are "
+            f"{math.ceil(count / 2)} bytes (two a byte) stored as [n, 1]"
+        )
+    params["storage_itemsize"] = itemsize
+    parts: dict[str, TensorRef] = {"packed": packed}
     for role, (dtypes, numel) in need.items():
-        stored = name if role == "packed" else f"{name}.{role}"
+        stored = f"{name}.{role}"
         ref = refs.get(stored)
         if ref is None:
             return f"{state} ({where}) has no {stored} anywhere in the base"
-        entry = ref.entry
-        if role == "packed":
-            if entry.nbytes != math.ceil(count / 2):
-                return (
-                    f"{stored} ({ref.file}) holds {entry.nbytes} bytes; {kind} codes of a {shape} weight are "
-                    f"{math.ceil(count / 2)} (two a byte)"
-                )
-            params["storage_itemsize"] = max(1, entry.nbytes // max(1, math.prod(entry.shape)))
-        elif entry.dtype not in dtypes or math.prod(entry.shape) != numel:
-            return f"{stored} ({ref.file}) is {entry.dtype} {list(entry.shape)}; expected {'/'.join(dtypes)} [{numel}]"
+        if ref.entry.dtype not in dtypes or ref.entry.shape != (numel,):
+            return (
+                f"{stored} ({ref.file}) is {ref.entry.dtype} {list(ref.entry.shape)}; a {shape} weight in blocks of "
+                f"{blocksize} needs {'/'.join(dtypes)} [{numel}]"
+            )
         parts[role] = ref
+    table = blobs.get(f"{name}.quant_map")
+    expected = code_values(kind)
+    if table is None or not torch.equal(torch.frombuffer(bytearray(table), dtype=torch.float32), expected):
+        return (
+            f"{name}.quant_map ({parts['quant_map'].file}) is not bitsandbytes' {kind} code table, which bitsandbytes "
+            "itself dequantizes with (it ignores the stored one): the checkpoint was not written by bitsandbytes or "
+            "is damaged"
+        )
     parts["quant_state"] = refs[state]
-    return QuantizedWeight(
-        format="bnb-4bit", name=name, shape=tuple(shape), parts=parts, primary="packed", params=params
-    )
+    logical = (shape[1], shape[0]) if params["transposed"] else tuple(shape)
+    return QuantizedWeight(format="bnb-4bit", name=name, shape=logical, parts=parts, primary="packed", params=params)
+
+
+def _is_conv1d(weight: str) -> bool:
+    """A GPT-2-style `Conv1D` weight (`c_attn`, `c_proj`, `c_fc`, `q_attn`): stored [in, out]."""
+    leaf = weight.removesuffix(".weight").rpartition(".")[2]
+    return leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
 
 
 class BnbInt8(_NotRequantized):
-    """bitsandbytes LLM.int8() (8-bit row-wise) behind `base.WeightFormat`."""
+    """bitsandbytes LLM.int8() (8-bit row-wise) behind `base.WeightFormat`. Only the row-major layout transformers
+    saves (`weight_format` 0, "row") is read, as bitsandbytes itself reads no other; a GPT-2-style `Conv1D` weight is
+    stored transposed, as for 4-bit."""
 
     key = "bnb-int8"
     label = "bitsandbytes LLM.int8"
@@ -436,6 +494,8 @@ class BnbInt8(_NotRequantized):
             return {}
         problems: list[str] = []
         weights: dict[str, QuantizedWeight] = {}
+        transposed = str(config.get("model_type")) in CONV1D_MODEL_TYPES
+        layouts: list[str] = []
         for stored in sorted(n for n in refs if n.endswith(".SCB")):
             module = stored[: -len(".SCB")]
             name = f"{module}.weight"
@@ -443,26 +503,51 @@ class BnbInt8(_NotRequantized):
             if codes is None:
                 problems.append(f"{stored} ({scb.file}) has no {name} anywhere in the base")
                 continue
+            if codes.entry.dtype in FLOAT_DTYPES:
+                continue  # an SCB beside a float weight (llm_int8_has_fp16_weight): the float one is the weight
             if codes.entry.dtype != "I8" or len(codes.entry.shape) != 2:
-                if codes.entry.dtype in FLOAT_DTYPES:
-                    continue  # an SCB beside a float weight (llm_int8_has_fp16_weight): the float one is the weight
                 problems.append(
-                    f"{name} ({codes.file}) is {codes.entry.dtype} {list(codes.entry.shape)}; LLM.int8 "
-                    "weights are I8 [out, in]"
+                    f"{name} ({codes.file}) is {codes.entry.dtype} {list(codes.entry.shape)}; LLM.int8 weights are "
+                    "I8 [out, in]"
                 )
                 continue
-            if scb.entry.dtype != "F32" or math.prod(scb.entry.shape) != codes.entry.shape[0]:
+            if scb.entry.dtype != "F32" or scb.entry.shape != (codes.entry.shape[0],):
                 problems.append(
                     f"{stored} ({scb.file}) is {scb.entry.dtype} {list(scb.entry.shape)}; {name} "
                     f"{list(codes.entry.shape)} needs F32 [{codes.entry.shape[0]}] row scales"
                 )
                 continue
             parts = {"codes": codes, "row_scales": scb}
-            if f"{name}_format" in refs:
-                parts["weight_format"] = refs[f"{name}_format"]
+            layout = refs.get(f"{name}_format")
+            if layout is not None:
+                problem = _small_tensor_problem(layout.entry.name, layout, {"U8"}, 1)
+                if problem and not (layout.entry.dtype == "U8" and layout.entry.shape == ()):
+                    problems.append(problem)
+                    continue
+                parts["weight_format"] = layout
+                layouts.append(layout.entry.name)
+            flipped = transposed and _is_conv1d(name)
+            rows, cols = codes.entry.shape
             weights[name] = QuantizedWeight(
-                format=self.key, name=name, shape=tuple(codes.entry.shape), parts=parts, primary="codes"
+                format=self.key,
+                name=name,
+                shape=(cols, rows) if flipped else (rows, cols),
+                parts=parts,
+                primary="codes",
+                params={"transposed": flipped},
             )
+        if layouts:
+            if read is None:
+                raise LoraMergeError("internal error: LLM.int8 detection needs to read weight_format tensors")
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                values = dict(zip(layouts, pool.map(lambda n: read(refs[n]), layouts), strict=True))
+            for layout, value in values.items():
+                if value != b"\x00":
+                    problems.append(
+                        f"{layout} ({refs[layout].file}) is {_INT8_LAYOUTS.get(value[:1], repr(value))}, not row: "
+                        "bitsandbytes reads only the row-major layout transformers saves; save the model again with "
+                        "a current transformers"
+                    )
         if not weights and not problems:
             problems.append("quantization_config says bitsandbytes 8-bit but no tensor is named <module>.SCB")
         if problems:
@@ -470,6 +555,9 @@ class BnbInt8(_NotRequantized):
                 f"{where}: not a bitsandbytes LLM.int8 checkpoint this tool can read: {listed(problems)}"
             )
         return weights
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return not weight.params.get("transposed")
 
     def dequantize(
         self,
@@ -479,18 +567,27 @@ class BnbInt8(_NotRequantized):
         dtype: torch.dtype = torch.float32,
         merge: TileMerge | None = None,
     ) -> torch.Tensor:
-        codes = parts["codes"].view(weight.shape)
+        codes = parts["codes"]  # [out, in], as stored
         scales = parts["row_scales"].reshape(-1, 1)
         values = codes * scales * INT8_SCALE  # bitsandbytes' int8_vectorwise_dequant, operation for operation
+        if weight.params.get("transposed"):
+            values = values.t().contiguous()
         return merge_rounded(values, dtype, merge)
 
     def part_rows(self, weight: QuantizedWeight, role: str, rows: slice) -> slice:
-        return rows if role == "codes" else slice(0, 1)
+        if role != "codes":
+            return slice(0, 1)
+        return slice(0, weight.shape[1]) if weight.params.get("transposed") else rows
 
     def decode(self, weight: QuantizedWeight, parts: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         """Textbook: code times the row's absmax over 127, in float64."""
-        scales = parts["row_scales"].reshape(-1).to(torch.float64)[rows]
-        return parts["codes"].to(torch.float64) * scales[:, None] / 127.0
+        scales = parts["row_scales"].reshape(-1).to(torch.float64)
+        if weight.params.get("transposed"):
+            return (parts["codes"].to(torch.float64) * scales[:, None] / 127.0).t()[rows]
+        return parts["codes"].to(torch.float64) * scales[rows][:, None] / 127.0
+
+
+_INT8_LAYOUTS = {b"\x01": "col32", b"\x02": "col_turing", b"\x03": "col_ampere"}  # bitsandbytes' FORMAT_TO_INT
 
 
 class AsQuantized4bit(_NotRequantized):
@@ -502,7 +599,9 @@ class AsQuantized4bit(_NotRequantized):
 
     key = "bnb-4bit-round-trip"
     label = "bitsandbytes 4-bit round trip"
-    row_local = False
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return False
 
     def detect(
         self, config: dict[str, Any], refs: dict[str, TensorRef], where: str, read: Reader | None = None
@@ -518,7 +617,13 @@ class AsQuantized4bit(_NotRequantized):
         merge: TileMerge | None = None,
     ) -> torch.Tensor:
         params = weight.params
-        values, _ = round_trip_4bit(parts["weight"], params["quant_type"], params["blocksize"], params["double_quant"])
+        stored = parts["weight"].reshape(weight.shape)
+        if params.get("transposed"):  # a Conv1D weight: transformers quantizes its transpose
+            values, _ = round_trip_4bit(stored.t().contiguous(), params["quant_type"], params["blocksize"],
+                                        params["double_quant"])  # fmt: skip
+            values = values.t().contiguous()
+        else:
+            values, _ = round_trip_4bit(stored, params["quant_type"], params["blocksize"], params["double_quant"])
         return merge_rounded(values, dtype, merge)
 
     def part_rows(self, weight: QuantizedWeight, role: str, rows: slice) -> slice:
@@ -553,32 +658,54 @@ class AsQuantized(BaseModel):
         )
 
 
-# What transformers' bitsandbytes load leaves in 16 bits: embeddings (not Linear layers) always, the output head
-# unless llm_int8_skip_modules is given (`get_keys_to_not_convert`, its default).
-_EMBEDDINGS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared")
+# What transformers' (5.x) bitsandbytes load leaves in 16 bits, by the names checkpoints store: embeddings (not Linear
+# layers), MoE experts (fused into 3-D parameters on load, not Linear layers) and routers (`gate`/`router` beside
+# `experts`: parameters of a router module); by default the output head too (`get_keys_to_not_convert`), unless
+# llm_int8_skip_modules is given, which replaces that default.
+_EMBEDDING_LEAVES = ("wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared")
 _HEADS = ("lm_head", "embed_out", "output", "output_layer")
+_ROUTERS = ("gate", "router")
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def skipped(module: str, patterns: tuple[str, ...]) -> bool:
+    """transformers' `should_convert_module`, negated: a pattern matches a module from the start up to a module
+    boundary (as a regex: `layers.1` matches `layers.1.mlp`, not `layers.11`), or as a suffix."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(?:{pattern}){_BOUNDARY}", module):
+                return True
+        except re.error:
+            pass  # not a regex: transformers would raise; the suffix test still applies
+        if module.endswith(pattern):
+            return True
+    return False
 
 
 def round_trip_weights(
-    refs: dict[str, TensorRef], settings: AsQuantized, tied_head: str | None
+    refs: dict[str, TensorRef], settings: AsQuantized, tied_head: str | None, conv1d: bool = False
 ) -> dict[str, QuantizedWeight]:
-    """The weights a 4-bit load of this base would quantize: every 2-D floating `<module>.weight` of a Linear
-    layer, that is all but embeddings, and of those all but `settings.skip` where given, else all but the output
-    head (transformers' own default; a `llm_int8_skip_modules` list replaces it, as it does in transformers)."""
+    """The weights a 4-bit load of this base would quantize: every 2-D floating `<module>.weight` of a Linear layer
+    (see above for what is not one), less `settings.skip` where given, else less the output head. `conv1d`: a
+    GPT-2-style model, whose `Conv1D` weights ([in, out]) transformers quantizes transposed."""
+    with_experts = {name.split(".experts.")[0] for name in refs if ".experts." in name}  # MoE blocks
     weights: dict[str, QuantizedWeight] = {}
     for name, ref in refs.items():
         entry = ref.entry
         if not name.endswith(".weight") or entry.dtype not in FLOAT_DTYPES or len(entry.shape) != 2:
             continue
         module = name[: -len(".weight")]
-        leaf = module.rsplit(".", 1)[-1]
-        if any(key in leaf for key in _EMBEDDINGS):
-            continue  # not a Linear layer
-        if not settings.skip and (leaf in _HEADS or name == tied_head):
-            continue  # transformers' default modules_to_not_convert: the output head
-
-        if any(module == s or module.endswith(f".{s}") or f".{s}." in f".{module}." for s in settings.skip):
+        parent, _, leaf = module.rpartition(".")
+        if leaf.startswith("embed") and leaf != "embed_out" or leaf in _EMBEDDING_LEAVES:
             continue
+        if ".experts." in f".{module}." or (leaf in _ROUTERS and parent in with_experts):
+            continue
+        if settings.skip:
+            if skipped(module, settings.skip):
+                continue
+        elif leaf in _HEADS or name == tied_head:
+            continue
+        transposed = conv1d and _is_conv1d(name)
         weights[name] = QuantizedWeight(
             format=ROUND_TRIP,
             name=name,
@@ -591,6 +718,7 @@ def round_trip_weights(
                 "blocksize": settings.blocksize,
                 "double_quant": settings.double_quant,
                 "dtype": entry.dtype,
+                "transposed": transposed,
             },
         )
     return weights

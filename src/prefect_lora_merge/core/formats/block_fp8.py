@@ -171,7 +171,10 @@ class BlockFp8:
     key = "block-fp8"
     label = "block-FP8"
     keeps = True
-    row_local = True
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return True
+
     work_copies = 4  # base tile, merged tile, codes decoded again, their difference: whole tensors on CUDA
 
     def detect(

@@ -247,7 +247,10 @@ class Int4PackQuantized:
     key = KEY
     label = LABEL
     keeps = True
-    row_local = True
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return True
+
     # A whole-tensor re-quantization (CUDA) holds, in float32 sizes: the base values and the merged values (2), the
     # merged values in the scale dtype and their codes (1 for bf16), the decoded new codes (1), and then either a
     # quotient or a rounding temporary (<= 1) or the intended ΔW of `SurvivalSums.add` (1). On CPU all but the

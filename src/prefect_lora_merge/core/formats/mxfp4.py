@@ -248,7 +248,10 @@ class Mxfp4:
     key = "mxfp4"
     label = "MXFP4"
     keeps = True
-    row_local = True
+
+    def row_local(self, weight: QuantizedWeight) -> bool:
+        return True
+
     # the whole float32 base, the merged weight, ΔW while it is added, the base decoded again to measure survival
     work_copies = 4
 

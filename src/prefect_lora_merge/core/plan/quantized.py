@@ -10,7 +10,7 @@ from typing import Any, Literal
 from ..errors import CheckpointFormatError, LoraMergeError
 from ..formats import FORMATS, WeightFormat
 from ..formats.base import QuantizedWeight, TensorRef, quantization_configs
-from ..formats.bitsandbytes import AsQuantized, round_trip_weights
+from ..formats.bitsandbytes import CONV1D_MODEL_TYPES, AsQuantized, round_trip_weights
 from ..safetensors_format import ShardHeader, TensorEntry
 from ..update import Update
 from .model import QuantizedRole
@@ -49,7 +49,8 @@ def as_quantized_weights(
             "are the ones a model loaded from it computes with; leave --as-quantized off"
         )
     tied = "lm_head.weight" if config.get("tie_word_embeddings") else None
-    weights = round_trip_weights(stored_refs(headers), settings, tied)
+    conv1d = str(config.get("model_type")) in CONV1D_MODEL_TYPES
+    weights = round_trip_weights(stored_refs(headers), settings, tied, conv1d)
     if not weights:
         raise LoraMergeError(
             f"--as-quantized: {where} has no 2-D floating Linear weight a 4-bit load would quantize; leave it off"
@@ -135,7 +136,7 @@ def round_trip_decision(settings: AsQuantized, weights: dict[str, QuantizedWeigh
     return (
         f"--as-quantized {settings.quant_type}: {len(weights)} Linear weight(s) put through bitsandbytes' 4-bit round "
         f"trip ({settings.describe()}) before the delta, as the QLoRA model the adapter was trained with computes "
-        f"({touched} of them touched); embeddings and "
+        f"({touched} of them touched); embeddings, MoE experts and routers (not Linear layers in transformers) and "
         f"{', '.join(settings.skip) if settings.skip else 'the output head'} kept as stored"
     )
 
