@@ -120,11 +120,11 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 def blockwise_dequantize(
     codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
-    """float32 `table[codes] · absmax[block]` over flat `codes` (int64) that start a block, block `i // blocksize`."""
-    values = table[codes]
+    """float32 `table[codes] · absmax[block]` over flat integer `codes` that start a block, block `i // blocksize`."""
+    values = table.index_select(0, codes.reshape(-1).to(torch.int32))  # int32 indices: 3x faster than int64
     count = values.numel()
     full = count - count % blocksize
-    values[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
     if full < count:
         values[full:] *= absmax[full // blocksize]
     return values
@@ -144,17 +144,40 @@ def absmax_values(weight: QuantizedWeight, parts: dict[str, torch.Tensor]) -> to
     return nested + torch.tensor(weight.params["nested_offset"], dtype=torch.float32, device=nested.device)
 
 
+@functools.cache
+def _byte_values(quant_type: str, device: torch.device | None = None) -> torch.Tensor:
+    """[256, 2] float32: the two code values each packed byte holds (high nibble first), so that decoding indexes
+    once per byte instead of once per value."""
+    table = code_values(quant_type, device)
+    byte = torch.arange(256, device=table.device)
+    return torch.stack([table[byte >> 4], table[byte & 0x0F]], dim=1)
+
+
 def dequantize_4bit(
-    packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, shape: tuple[int, ...], dtype: str
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: str,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The float32 weight bitsandbytes dequantizes: `code · absmax` in float32, rounded to `dtype` (the weight's
-    dtype when it was quantized), a chunk at a time."""
+    """The weight bitsandbytes dequantizes: `code · absmax` in float32, rounded to `dtype` (the weight's dtype when
+    it was quantized), a chunk at a time, in `out_dtype` (float32, or `dtype` itself to skip the widening)."""
     count = math.prod(shape)
-    table = code_values(quant_type, packed.device)
-    out = torch.empty(count, dtype=torch.float32, device=packed.device)
+    pairs = _byte_values(quant_type, packed.device)
+    data = packed.reshape(-1).view(torch.uint8)
+    out = torch.empty(count, dtype=out_dtype, device=packed.device)
     rounding = torch_dtype(dtype)
     for chunk in _chunks(count):
-        values = blockwise_dequantize(unpack(packed, chunk), absmax[chunk.start // blocksize :], table, blocksize)
+        index = data[chunk.start // 2 : math.ceil(chunk.stop / 2)].to(torch.int32)  # int32: 3x faster than int64
+        values = pairs.index_select(0, index).view(-1)
+        values = values[: chunk.stop - chunk.start]
+        full = values.numel() - values.numel() % blocksize
+        first = chunk.start // blocksize
+        values[:full].view(-1, blocksize).mul_(absmax[first : first + full // blocksize, None])
+        if full < values.numel():
+            values[full:] *= absmax[first + full // blocksize]
         out[chunk] = values if rounding == torch.float32 else values.to(rounding)
     return out.view(shape)
 
@@ -172,6 +195,7 @@ def quantize_blockwise(values: torch.Tensor, table: torch.Tensor, blocksize: int
     order = torch.argsort(table)
     ordered = table[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2
+    sorted_table = bool((order == torch.arange(order.numel(), device=order.device)).all())
     for chunk in _chunks(count):
         part = values[chunk]
         full = part.numel() - part.numel() % blocksize
@@ -185,7 +209,16 @@ def quantize_blockwise(values: torch.Tensor, table: torch.Tensor, blocksize: int
         scaled[:full] = (part[:full].view(-1, blocksize) * inverse[: full // blocksize, None]).view(-1)
         if full < part.numel():
             scaled[full:] = part[full:] * inverse[-1]
-        codes[chunk] = order[torch.bucketize(scaled.clamp_(-1, 1), midpoints)].to(torch.uint8)
+        scaled.clamp_(-1, 1)
+        # the index of the nearest sorted value: how many midpoints lie below (bucketize's rule, ~2x faster on CPU
+        # for the 15 midpoints of a 4-bit code; the 255 of the 8-bit map, for absmax only, go to bucketize)
+        if midpoints.numel() < 32:
+            nearest = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+            for midpoint in midpoints.tolist():
+                nearest += scaled > midpoint
+        else:
+            nearest = torch.bucketize(scaled, midpoints, out_int32=True)
+        codes[chunk] = order.to(torch.uint8).index_select(0, nearest.to(torch.int32)) if not sorted_table else nearest
     return codes, absmax
 
 
@@ -208,7 +241,7 @@ def round_trip_4bit(
         offset_t = absmax.mean()
         nested_map = dynamic_map(flat.device)
         nested_codes, nested_absmax = quantize_blockwise(absmax - offset_t, nested_map, NESTED_BLOCKSIZE)
-        absmax = blockwise_dequantize(nested_codes.to(torch.int64), nested_absmax, nested_map, NESTED_BLOCKSIZE)
+        absmax = blockwise_dequantize(nested_codes, nested_absmax, nested_map, NESTED_BLOCKSIZE)
         absmax = absmax + offset_t
         offset = float(offset_t)
     out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
@@ -318,9 +351,12 @@ class Bnb4bit(_NotRequantized):
     ) -> torch.Tensor:
         params = weight.params
         stored = tuple(params["stored_shape"])
+        rounding = torch_dtype(params["dtype"])
+        # untouched and written in the dtype bitsandbytes rounds to (bf16 mostly): no float32 copy at all
+        direct = merge is None and dtype == rounding
         values = dequantize_4bit(
             parts["packed"], absmax_values(weight, parts), params["quant_type"], params["blocksize"], stored,
-            params["dtype"],
+            params["dtype"], rounding if direct else torch.float32,
         )  # fmt: skip
         if params.get("transposed"):
             values = values.t().contiguous()
