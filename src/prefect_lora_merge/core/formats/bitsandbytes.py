@@ -254,13 +254,14 @@ def round_trip_4bit(
 
 
 class _NotRequantized:
-    """The half of `WeightFormat` a format written only dequantized does not have (planning refuses `keep`)."""
+    """What the bitsandbytes formats share: no re-quantization (they are written in bf16; planning refuses `keep`),
+    and rows that are local unless the weight is stored transposed (GPT-2's Conv1D)."""
 
     keeps = False
     work_copies = 3
 
     def row_local(self, weight: QuantizedWeight) -> bool:
-        return True
+        return not weight.params.get("transposed")  # a Conv1D weight's rows are the stored weight's columns
 
     def quantize(self, weight: QuantizedWeight, values: torch.Tensor) -> dict[str, torch.Tensor]:
         raise LoraMergeError(f"internal error: {self.label} weights are not re-quantized")  # type: ignore[attr-defined]
@@ -277,6 +278,19 @@ class _NotRequantized:
         self, weight: QuantizedWeight, parts: dict[str, torch.Tensor], rows: slice
     ) -> tuple[float, torch.Tensor]:
         raise LoraMergeError(f"internal error: {self.label} weights are not re-quantized")  # type: ignore[attr-defined]
+
+
+def _found(
+    where: str, kind: str, weights: dict[str, QuantizedWeight], problems: list[str], named: str
+) -> dict[str, QuantizedWeight]:
+    """A detection's weights, or the error listing its problems (none found counts as one)."""
+    if not weights and not problems:
+        problems.append(f"quantization_config says bitsandbytes {kind} but no tensor is named {named}")
+    if problems:
+        raise CheckpointFormatError(
+            f"{where}: not a bitsandbytes {kind} checkpoint this tool can read: {listed(problems)}"
+        )
+    return weights
 
 
 def _declared(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -328,18 +342,7 @@ class Bnb4bit(_NotRequantized):
                 problems.append(found)
             else:
                 weights[found.name] = found
-        if not weights and not problems:
-            problems.append(
-                f"quantization_config says bitsandbytes 4-bit but no tensor is named <weight>{QUANT_STATE}nf4 or ...fp4"
-            )
-        if problems:
-            raise CheckpointFormatError(
-                f"{where}: not a bitsandbytes 4-bit checkpoint this tool can read: {listed(problems)}"
-            )
-        return weights
-
-    def row_local(self, weight: QuantizedWeight) -> bool:
-        return not weight.params.get("transposed")
+        return _found(where, "4-bit", weights, problems, f"<weight>{QUANT_STATE}nf4 or ...fp4")
 
     def dequantize(
         self,
@@ -584,16 +587,7 @@ class BnbInt8(_NotRequantized):
                         "bitsandbytes reads only the row-major layout transformers saves; save the model again with "
                         "a current transformers"
                     )
-        if not weights and not problems:
-            problems.append("quantization_config says bitsandbytes 8-bit but no tensor is named <module>.SCB")
-        if problems:
-            raise CheckpointFormatError(
-                f"{where}: not a bitsandbytes LLM.int8 checkpoint this tool can read: {listed(problems)}"
-            )
-        return weights
-
-    def row_local(self, weight: QuantizedWeight) -> bool:
-        return not weight.params.get("transposed")
+        return _found(where, "LLM.int8", weights, problems, "<module>.SCB")
 
     def dequantize(
         self,
