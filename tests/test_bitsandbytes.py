@@ -332,6 +332,19 @@ def test_an_adapter_trained_on_a_bnb_4bit_repo_is_shown_both_merges(case, tmp_pa
     assert "bnb" not in neutral and "--as-quantized" not in neutral
 
 
+def test_a_nan_in_a_round_tripped_base_weight_is_blamed_on_the_base_and_nothing_is_published(case, tmp_path):
+    name = "model.layers.1.mlp.gate_proj.weight"
+
+    def poison(tensors):
+        if name in tensors:
+            tensors[name][3, 5] = float("nan")
+
+    base = _rewritten(case.base16, tmp_path / "nan", poison)
+    with pytest.raises(CheckpointFormatError, match=rf"{name} \(.*\) holds NaN/Inf, which --as-quantized's 4-bit"):
+        merge_checkpoint(str(base), str(case.adapter), str(tmp_path / "out"), as_quantized=NF4)
+    assert not (tmp_path / "out" / MANIFEST_FILE).exists()
+
+
 def test_a_rerun_with_other_round_trip_settings_is_another_merge(case, tmp_path):
     one = make_plan(str(case.base16), str(case.adapter), str(tmp_path / "o"), as_quantized=NF4)
     other = make_plan(

@@ -456,6 +456,11 @@ def _not_finite(weight: QuantizedWeight, parts: dict[str, torch.Tensor], updates
     if not all_finite(weight_format(weight.format).dequantize(weight, parts)):
         stored = [ref.entry.name for role, ref in weight.parts.items() if role != weight.primary]
         files = ", ".join(dict.fromkeys(ref.file for ref in weight.parts.values()))
+        if weight.format == ROUND_TRIP:  # the stored 16-bit weight itself holds them
+            return CheckpointFormatError(
+                f"{weight.name} ({files}) holds NaN/Inf, which --as-quantized's 4-bit round trip spreads over whole "
+                "blocks (their absmax): the base checkpoint is damaged; without --as-quantized they are kept as stored"
+            )
         return CheckpointFormatError(
             f"{weight.name} holds NaN/Inf after dequantizing with {', '.join(stored)} ({files}): the base checkpoint "
             "is damaged"
