@@ -16,7 +16,7 @@ from prefect.artifacts import (
 from prefect_lora_merge.core.formats.survival import round_trip_summary
 from prefect_lora_merge.core.plan import MergePlan
 from prefect_lora_merge.core.recompute import TensorNumbers
-from prefect_lora_merge.core.state import ShardReceipt
+from prefect_lora_merge.core.state import ShardReceipt, shard_figures
 from prefect_lora_merge.core.validate import ValidationReport
 
 
@@ -44,18 +44,27 @@ class ShardProgress:
 
 def publish_shard_table(plan: MergePlan, receipts: list[ShardReceipt], checksums: dict[str, str]) -> None:
     """One row per finished shard; `checksums`: the sha256 validation took of shards the storage copied."""
-    rows = [
-        {
-            "shard": r.file,
-            "tensors": r.tensors,
-            "touched": len(r.touched),
-            "bytes": r.bytes,
-            "sha256": r.sha256 or checksums.get(r.file, "(not hashed: validation did not run)"),
-            "seconds": round(r.seconds, 2),
-            "outcome": "resumed" if r.resumed else "copied server-side" if r.copied_server_side else "merged",
-        }
-        for r in sorted(receipts, key=lambda r: r.file)
-    ]
+    rows = []
+    for r in sorted(receipts, key=lambda r: r.file):
+        f = shard_figures(r)
+        rows.append(
+            {
+                "shard": r.file,
+                "tensors": r.tensors,
+                "touched": len(r.touched),
+                "bytes": r.bytes,
+                "sha256": r.sha256 or checksums.get(r.file, "(not hashed: validation did not run)"),
+                "seconds": round(r.seconds, 2),
+                "outcome": "resumed" if r.resumed else "copied server-side" if r.copied_server_side else "merged",
+                # measured while merging (merged shards only), next to the plan's estimate
+                "bytes read": f.bytes_read,
+                "waiting for storage s": round((f.read_wait_seconds or 0) + (f.write_wait_seconds or 0), 2),
+                "computing s": round(f.compute_seconds or 0, 2),
+                "peak MiB above start": round(((f.peak_memory_bytes or 0) - (f.start_memory_bytes or 0)) / 2**20, 1),
+                "estimate MiB": round((f.estimated_peak_bytes or 0) / 2**20, 1),
+                "above estimate": f.above_estimate,
+            }
+        )
     create_table_artifact(rows, key=artifact_key(plan, "shards"), description=f"shards of {plan.job.output.uri}")
 
 

@@ -19,7 +19,7 @@ from prefect_lora_merge.core.lease import Lease, output_lease
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.plan import MANIFEST_FILE, REPORT_FILE, MergePlan, ShardPlan
 from prefect_lora_merge.core.recompute import TensorNumbers
-from prefect_lora_merge.core.state import ShardReceipt, claim_output
+from prefect_lora_merge.core.state import ShardFigures, ShardReceipt, claim_output
 from prefect_lora_merge.flows.artifacts import ShardProgress, publish_shard_table, publish_summary
 from prefect_lora_merge.flows.runners import ShardRunner, shard_runner
 from prefect_lora_merge.tasks import consolidate_output, plan_merge, validate_merge
@@ -48,6 +48,9 @@ class MergeSummary(BaseModel):
     weak_delta_survivals: list[DeltaSurvival] = []
     # --as-quantized: per touched weight, ‖Q(W) − W‖ / ‖ΔW‖, largest first (how much the round trip matters)
     round_trip_shifts: list[RoundTripShift] = []
+    # what each shard of this run measured (as in lora-merge-report.json), and the merged one that grew most
+    shard_figures: list[ShardFigures] = []
+    largest_measured_peak: ShardFigures | None = None
     validation_passed: bool
     validation_checks: dict[str, int]
     validation_seconds: float = 0.0  # part of `seconds`
@@ -175,7 +178,7 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
         )
     manifest = consolidate_output(plan, receipts)
     try:
-        report = validate_merge(plan, manifest)
+        report = validate_merge(plan, manifest, receipts)
     except ValidationFailed as failed:
         publish_shard_table(plan, receipts, {})
         publish_summary(plan, failed.failures, None, time.perf_counter() - started)
@@ -200,6 +203,12 @@ def _merge(plan: MergePlan, runner: ShardRunner, started: float) -> MergeSummary
         worst_delta_survival=deltas[0] if deltas else None,
         weak_delta_survivals=weak,
         round_trip_shifts=report.round_trip_shifts,
+        shard_figures=report.shards,
+        largest_measured_peak=max(
+            (f for f in report.shards if f.peak_memory_bytes is not None),
+            key=lambda f: (f.peak_memory_bytes or 0) - (f.start_memory_bytes or 0),
+            default=None,
+        ),
         validation_passed=report.passed,
         validation_checks=report.checks,
         validation_seconds=report.seconds,

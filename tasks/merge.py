@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from prefect_lora_merge.core.consolidate import Manifest, consolidate
@@ -11,7 +11,7 @@ from prefect_lora_merge.core.merge import merge_or_resume_shard
 from prefect_lora_merge.core.options import MergeParameters
 from prefect_lora_merge.core.pipeline import finish_validation
 from prefect_lora_merge.core.plan import MergeJob, MergePlan, ShardPlan, make_plan
-from prefect_lora_merge.core.state import ShardReceipt
+from prefect_lora_merge.core.state import ShardReceipt, measured_line
 from prefect_lora_merge.core.validate import ValidationReport
 
 
@@ -54,8 +54,12 @@ def plan_merge(params: MergeParameters) -> MergePlan:
     retry_condition_fn=_transient,
 )
 def merge_one_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> ShardReceipt:
-    """Merge one shard, or take its receipt from the output's own record when an earlier run committed it."""
-    return merge_or_resume_shard(job, shard, threads)
+    """Merge one shard, or take its receipt from the output's own record when an earlier run committed it; log
+    what the merge measured (one line)."""
+    receipt = merge_or_resume_shard(job, shard, threads)
+    if receipt.measured is not None:
+        get_run_logger().info("%s", measured_line(receipt))
+    return receipt
 
 
 @task(name="consolidate", task_run_name="consolidate", cache_policy=NO_CACHE)
@@ -64,7 +68,8 @@ def consolidate_output(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifes
 
 
 @task(name="validate", task_run_name="validate", cache_policy=NO_CACHE)
-def validate_merge(plan: MergePlan, manifest: Manifest) -> ValidationReport:
-    """Validate, then publish the manifest (the commit point) only if everything passed."""
-    report, _ = finish_validation(plan, manifest)
+def validate_merge(plan: MergePlan, manifest: Manifest, receipts: list[ShardReceipt]) -> ValidationReport:
+    """Validate, then publish the manifest (the commit point) only if everything passed; the report also lists what
+    each shard of this run measured."""
+    report, _ = finish_validation(plan, manifest, receipts)
     return report

@@ -133,6 +133,18 @@ def test_a_run_publishes_its_report_and_artifacts(llama_case, tmp_path):
     assert {r["shard"]: r["sha256"] for r in rows} == {f: manifest["files"][f]["sha256"] for f in shard_files}
     assert {r["outcome"] for r in rows} == {"merged", "copied server-side"}, "lm_head's shard is untouched"
     assert sum(r["touched"] for r in rows) == 14
+    # measured per shard, in the table and in lora-merge-report.json, agreeing with each other and with the files
+    report = {f["file"]: f for f in json.loads((out / "lora-merge-report.json").read_text())["shards"]}
+    assert sorted(report) == shard_files
+    for row in rows:
+        figures = report[row["shard"]]
+        if row["outcome"] != "merged":
+            assert figures["peak_memory_bytes"] is None
+            continue
+        assert figures["bytes_written"] == row["bytes"] == (out / row["shard"]).stat().st_size
+        assert figures["bytes_read"] == row["bytes read"] > 0
+        assert 0 < figures["peak_memory_bytes"] and figures["estimated_peak_bytes"] > 0
+        assert row["peak MiB above start"] <= row["estimate MiB"] and not row["above estimate"]
 
     summary = artifacts["markdown"]["data"]
     assert summary.startswith(f"# LoRA merge into `{out}`") and "## Passed" in summary

@@ -352,6 +352,15 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         )
         if summary.largest_change is not None:
             _print_largest_change(summary.largest_change)
+        peak = summary.largest_measured_peak
+        if peak is not None and peak.peak_memory_bytes is not None:
+            grew = peak.peak_memory_bytes - (peak.start_memory_bytes or 0)
+            above = sum(1 for f in summary.shard_figures if f.above_estimate)
+            print(
+                f"measured memory: at most {_size(grew)} above the process's start while merging {peak.file} "
+                f"(estimate {_size(peak.estimated_peak_bytes or 0)}; process peak {_size(peak.peak_memory_bytes)})"
+                + (f"; {above} shard(s) ABOVE their estimate: a bug in the estimate" if above else "")
+            )
         if summary.worst_delta_survival is not None:
             worst = summary.worst_delta_survival
             print(

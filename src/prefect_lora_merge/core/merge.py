@@ -32,11 +32,12 @@ from .formats.base import NonFiniteValues, QuantizedWeight
 from .formats.bitsandbytes import ROUND_TRIP
 from .formats.survival import DeltaSurvival, RoundTripShift
 from .lora_math import Fetch, all_finite, merged_tensor, tile_merge
+from .meter import ShardMeter
 from .plan import MergeJob, PlannedTensor, ShardPlan, TensorRef, Update, update_keys
 from .plan.memory import computing_parts
 from .resources import DEVICE_PATTERN
 from .safetensors_format import encode_header, read_header, torch_dtype
-from .state import ShardReceipt, committed_record, write_record
+from .state import ShardMeasure, ShardReceipt, committed_record, write_record
 from .storage import PIECE_BYTES, POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
 from .tiling import TileMerge, Workspace, merge_rounded, tiles
 
@@ -145,6 +146,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     kept: dict[str, tuple[torch.Tensor, DeltaSurvival | None]] = {}  # see _quantized_tensor
     workspace = Workspace(device)
     pool = BufferPool(POOLED_BYTES, piece=PIECE_BYTES)
+    meter = ShardMeter(device)
     result_bytes = {e.name: e.nbytes for e in shard.output_entries()}
 
     def fetch(key: str) -> torch.Tensor:
@@ -154,7 +156,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
 
     with job.output.atomic_writer(shard.file) as out, _write_behind(out, shard.file) as writer:
         writer.write(header_blob)
-        for segment in _read_ahead(job, shard, pool):
+        for segment in _read_ahead(job, shard, pool, meter):
             if segment.tensor is None:
                 writer.write(segment.data, give_back=pool)
                 continue
@@ -175,6 +177,8 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
             writer.write(written_view, give_back=pool)
             applied += [k for u in planned.updates for k in update_keys(u)]
     written = writer.written
+    meter.write_wait = writer.wait
+    seconds, peak, gpu_peak = meter.stop()
     expected = len(header_blob) + sum(e.nbytes for e in shard.output_entries())
     if written != expected:  # cannot happen unless a bug slipped in; never publish a wrong-sized shard silently
         job.output.remove(shard.file)
@@ -191,6 +195,17 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
         round_trip_shifts=shifts,
         seconds=time.perf_counter() - started,
         device=str(device),
+        measured=ShardMeasure(
+            seconds=seconds,
+            bytes_read=meter.bytes_read + len(header_blob),
+            bytes_written=written,
+            read_wait_seconds=meter.read_wait,
+            write_wait_seconds=meter.write_wait,
+            peak_memory_bytes=peak,
+            start_memory_bytes=meter.resident_at_start,
+            gpu_peak_bytes=gpu_peak,
+            estimated_peak_bytes=shard.peak_bytes(job.adapter),
+        ),
     )
     write_record(job.output, receipt.record())
     return receipt
@@ -534,7 +549,7 @@ def _chunks(file: str, begin: int, end: int) -> Iterator[tuple[None, str, int, i
         yield None, file, start, min(end, start + PIECE_BYTES)
 
 
-def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_Segment]:
+def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool, meter: ShardMeter) -> Iterator[_Segment]:
     """Segments read by a background thread while the consumer computes and writes earlier ones.
 
     At most READ_AHEAD_BYTES are held ahead of the consumer; a segment larger than that is read only when nothing
@@ -566,6 +581,7 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
                 data = pool.take(end - begin)
                 if end > begin:
                     job.base.read_into(file, begin, data)
+                meter.read(size)
                 extra = None
                 if tensor is not None and tensor.name in computing:  # {} for a weight stored as one tensor
                     extra = {}
@@ -581,7 +597,9 @@ def _read_ahead(job: MergeJob, shard: ShardPlan, pool: BufferPool) -> Iterator[_
     thread.start()
     try:
         while True:
+            waiting = time.perf_counter()
             item = items.get()
+            meter.read_wait += time.perf_counter() - waiting
             if item is None:
                 return
             if isinstance(item, BaseException):
@@ -606,6 +624,7 @@ class _WriteBehind:
     def __init__(self, out: BinaryIO, name: str) -> None:
         self.digest = hashlib.sha256()
         self.written = 0
+        self.wait = 0.0  # seconds `write` and `close` waited for the writer (storage, hashing, the budget)
         self._out = out
         self._waiting: deque[tuple[bytes | memoryview, BufferPool | None]] = deque()
         self._waiting_bytes = 0
@@ -618,6 +637,7 @@ class _WriteBehind:
     def write(self, data: bytes | memoryview, give_back: BufferPool | None = None) -> None:
         """Queue `data` to be written and hashed; then hand its buffer back to `give_back`, if given."""
         size = len(data)
+        waiting = time.perf_counter()
         with self._changed:
             self._changed.wait_for(
                 lambda: self._error is not None or not self._waiting or self._waiting_bytes + size <= WRITE_BEHIND_BYTES
@@ -627,15 +647,18 @@ class _WriteBehind:
             self._waiting.append((data, give_back))
             self._waiting_bytes += size
             self._changed.notify_all()
+        self.wait += time.perf_counter() - waiting
 
     def close(self, *, discard: bool = False) -> None:
         """Wait until every piece is written (or, with `discard`, drop those not yet started); raise its error."""
+        waiting = time.perf_counter()
         with self._changed:
             self._closed = True
             if discard:
                 self._waiting.clear()
             self._changed.notify_all()
         self._thread.join()
+        self.wait += time.perf_counter() - waiting
         if self._error is not None and not discard:
             raise self._error
 

@@ -17,7 +17,7 @@ from .lease import output_lease
 from .merge import merge_or_resume_shard, resolve_device
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
 from .resources import choose_parallelism, parse_size
-from .state import ShardReceipt, claim_output, write_record
+from .state import ShardReceipt, claim_output, shard_figures, write_record
 from .validate import ValidationReport, validate_output
 
 
@@ -60,15 +60,19 @@ def merge_checkpoint(
         claim_output(plan, overwrite=overwrite)
         receipts = [merge_or_resume_shard(plan.job, shard, threads) for shard in plan.shards]
         manifest = consolidate(plan, receipts)
-        report, published = finish_validation(plan, manifest)
+        report, published = finish_validation(plan, manifest, receipts)
     return MergeResult(plan=plan, receipts=receipts, manifest=published, report=report)
 
 
-def finish_validation(plan: MergePlan, manifest: Manifest) -> tuple[ValidationReport, Manifest]:
+def finish_validation(
+    plan: MergePlan, manifest: Manifest, receipts: list[ShardReceipt] | None = None
+) -> tuple[ValidationReport, Manifest]:
     """Validate a consolidated output against its plan and the manifest to be; publish the manifest only if it
     passes, so a failed output is never taken as done. The report goes beside it either way, before it.
     Returns the report and the manifest as published."""
     report = validate_output(plan.job.output, plan, manifest)
+    if receipts is not None:  # what this run measured, shard by shard (the report is this run's, not the merge's)
+        report = report.model_copy(update={"shards": [shard_figures(r) for r in receipts]})
     plan.job.output.write_bytes(REPORT_FILE, report.model_dump_json(indent=2).encode())
     if not report.passed:
         raise ValidationFailed(report.failures)

@@ -50,6 +50,35 @@ class ShardRecord(BaseModel):
     round_trip_shifts: list[RoundTripShift] = []
 
 
+class ShardMeasure(BaseModel):
+    """What merging one shard measured in this run (not part of its record: another run measures otherwise)."""
+
+    seconds: float  # wall time of the merge proper (reading the header to the last byte written)
+    bytes_read: int  # from the base: the shard's header and the tensors' bytes (other shards' parts included)
+    bytes_written: int  # the output shard's size
+    read_wait_seconds: float  # the computing thread waiting for storage reads (or the read-ahead budget)
+    write_wait_seconds: float  # ... for storage writes and hashing (or the write-behind budget)
+    peak_memory_bytes: int  # the merging process's peak resident size while the shard ran (a Dask worker's there)
+    start_memory_bytes: int  # its resident size when the shard started: the peak above it is the shard's (alone)
+    gpu_peak_bytes: int | None = None  # torch's peak allocated on the GPU while it ran, on cuda
+    estimated_peak_bytes: int  # the plan's estimate of the shard's working memory
+
+    @property
+    def above_estimate(self) -> bool:
+        """The process grew by more than the plan estimated for this shard (alone in its process: a bug in the
+        estimate; beside other shards, theirs count too)."""
+        return self.peak_memory_bytes - self.start_memory_bytes > self.estimated_peak_bytes
+
+    @property
+    def compute_seconds(self) -> float:
+        return max(0.0, self.seconds - self.read_wait_seconds - self.write_wait_seconds)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes written per second of wall time."""
+        return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
+
+
 class ShardReceipt(ShardRecord):
     """A record plus how this run got it."""
 
@@ -57,9 +86,57 @@ class ShardReceipt(ShardRecord):
     device: str
     resumed: bool = False
     copied_server_side: bool = False  # by the storage itself, not through this process (how, not what: not recorded)
+    measured: ShardMeasure | None = None  # merged by this run (not resumed, not copied by the storage)
 
     def record(self) -> ShardRecord:
         return ShardRecord(**self.model_dump(include=set(ShardRecord.model_fields)))
+
+
+class ShardFigures(BaseModel):
+    """One shard of this run in `lora-merge-report.json`: how it got done and, where it was merged, what that
+    measured next to the plan's estimate."""
+
+    file: str
+    how: str  # merged, resumed (committed by an earlier run), copied (by the storage, server-side)
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    read_wait_seconds: float | None = None
+    write_wait_seconds: float | None = None
+    compute_seconds: float | None = None
+    peak_memory_bytes: int | None = None  # measured: the process's peak while the shard ran
+    start_memory_bytes: int | None = None
+    gpu_peak_bytes: int | None = None
+    estimated_peak_bytes: int | None = None
+    above_estimate: bool = False
+
+
+def shard_figures(receipt: ShardReceipt) -> ShardFigures:
+    m = receipt.measured
+    if m is None:
+        how = "resumed" if receipt.resumed else "copied"
+        return ShardFigures(
+            file=receipt.file,
+            how=how,
+            seconds=receipt.seconds,
+            bytes_read=0,
+            bytes_written=0 if receipt.resumed else receipt.bytes,
+        )
+    return ShardFigures(
+        file=receipt.file,
+        how="merged",
+        seconds=m.seconds,
+        bytes_read=m.bytes_read,
+        bytes_written=m.bytes_written,
+        read_wait_seconds=m.read_wait_seconds,
+        write_wait_seconds=m.write_wait_seconds,
+        compute_seconds=m.compute_seconds,
+        peak_memory_bytes=m.peak_memory_bytes,
+        start_memory_bytes=m.start_memory_bytes,
+        gpu_peak_bytes=m.gpu_peak_bytes,
+        estimated_peak_bytes=m.estimated_peak_bytes,
+        above_estimate=m.above_estimate,
+    )
 
 
 def record_name(shard_file: str) -> str:
@@ -220,3 +297,19 @@ def _records(output: Location) -> list[ShardRecord]:
         except (LoraMergeError, ValueError):
             continue
     return records
+
+
+def measured_line(receipt: ShardReceipt) -> str:
+    """One line on what merging a shard measured, for the task's log."""
+    m = receipt.measured
+    if m is None:
+        return f"{receipt.file}: {'resumed' if receipt.resumed else 'copied by the storage'}"
+    over = " — ABOVE the estimate (a bug in the estimate)" if m.above_estimate else ""
+    gpu = f", GPU peak {m.gpu_peak_bytes / 2**20:.0f} MiB" if m.gpu_peak_bytes is not None else ""
+    return (
+        f"{receipt.file}: {m.seconds:.2f} s, read {m.bytes_read / 2**20:.1f} MiB, wrote {m.bytes_written / 2**20:.1f} "
+        f"MiB ({m.throughput / 2**20:.0f} MiB/s); waited {m.read_wait_seconds:.2f} s on reads and "
+        f"{m.write_wait_seconds:.2f} s on writes, computed {m.compute_seconds:.2f} s; process peak "
+        f"{m.peak_memory_bytes / 2**20:.0f} MiB ({(m.peak_memory_bytes - m.start_memory_bytes) / 2**20:.0f} MiB above "
+        f"its start), estimate {m.estimated_peak_bytes / 2**20:.0f} MiB{gpu}{over}"
+    )

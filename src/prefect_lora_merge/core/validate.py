@@ -17,7 +17,7 @@ from .merge import keep_large_buffers_off_the_heap
 from .plan import INDEX_FILE, MergePlan
 from .recompute import TensorNumbers, check_non_finite, check_numbers
 from .safetensors_format import DTYPES, ShardHeader, read_header, torch_dtype, weight_map_problem
-from .state import ShardRecord
+from .state import ShardFigures, ShardRecord
 from .storage import PIECE_BYTES, Location, safe_name
 
 
@@ -35,6 +35,8 @@ class ValidationReport(BaseModel):
     forward: ForwardCheck | None = None
     # an --as-quantized merge: per touched weight, ‖Q(W) − W‖ / ‖ΔW‖ (from the shard records), largest first
     round_trip_shifts: list[RoundTripShift] = []
+    # what this run measured per shard (a merge's validation only; `lora-merge validate` merges nothing)
+    shards: list[ShardFigures] = []
 
     def largest_changes(self) -> list[TensorNumbers]:
         """The recomputed tensors the merge changed, largest ‖ΔW‖/‖W‖ first."""
