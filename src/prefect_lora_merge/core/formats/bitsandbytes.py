@@ -101,14 +101,6 @@ def _chunks(count: int) -> list[slice]:
     return [slice(start, min(count, start + CHUNK)) for start in range(0, count, CHUNK)]
 
 
-def unpack(packed: torch.Tensor, values: slice) -> torch.Tensor:
-    """The 4-bit codes (int64) of flat values `values` (an even start) from all of a weight's packed bytes, high
-    nibble first."""
-    data = packed.reshape(-1).view(torch.uint8)[values.start // 2 : math.ceil(values.stop / 2)]
-    codes = torch.stack([data >> 4, data & 0x0F], dim=-1).reshape(-1)
-    return codes[: values.stop - values.start].to(torch.int64)
-
-
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes (any int dtype) into U8 [ceil(n/2), 1], high nibble first (an odd count padded with code 0)."""
     flat = codes.reshape(-1).to(torch.uint8)
