@@ -1,6 +1,6 @@
-"""A production-like merge stack on one machine, every server on 127.0.0.1: a Prefect server on a real database
-(SQLite, or PostgreSQL from the distribution's packages), a process work pool with one worker, and SeaweedFS as
-the S3 store. Run it with the project's Python (the one that has prefect-lora-merge installed):
+"""A production-like merge stack on one machine, every server on 127.0.0.1: a Prefect server with its UI on a real
+database (SQLite, or PostgreSQL from the distribution's packages), a process work pool with one worker, and
+SeaweedFS as the S3 store. Run it with the project's Python (the one that has prefect-lora-merge installed):
 
     python infra/local_stack.py start [--database postgres] [--dir .lora-merge-stack]
     eval "$(python infra/local_stack.py env)"      # PREFECT_API_URL and the S3 endpoint/credentials
@@ -51,6 +51,11 @@ class Stack:
     postgres_dir: str | None = None
     s3_ports: dict[str, int] = field(default_factory=dict)  # SeaweedFS's ports: its leftover sockets are named by them
 
+    @property
+    def ui_url(self) -> str:
+        """The Prefect UI: the server's root (its API is under /api)."""
+        return self.api_url.removesuffix("/api")
+
     def save(self) -> None:
         Path(self.root, "stack.json").write_text(json.dumps(asdict(self), indent=2))
 
@@ -100,9 +105,20 @@ def _base_env(root: Path) -> dict[str, str]:
     env.update(
         PREFECT_HOME=str(root / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
     )
     return env
+
+
+def _server_env(env: dict[str, str], port: int, api_url: str) -> dict[str, str]:
+    """The server's own settings. `prefect server start --port` does not tell the UI where the API is: the UI's
+    settings (`/ui-settings`) would name the default port, 4200, and the UI would talk to whatever listens there."""
+    return {
+        **env,
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_UI_API_URL": api_url,
+    }
 
 
 def _postgres_bin(name: str) -> str:
@@ -172,7 +188,7 @@ def start_stack(
         stack.s3_ports = s3.ports
         stack.s3_endpoint = s3.endpoint_url
         s3.make_bucket(BUCKET)
-        server_env = dict(env)
+        server_env = _server_env(env, prefect_port, stack.api_url)
         if database == "postgres":
             data = root / "postgres"
             stack.postgres_dir = str(data)  # recorded first: a failed start is still stopped
@@ -182,7 +198,7 @@ def start_stack(
             raise StackError(f"--database {database!r}: choose sqlite or postgres")
         log = root / "prefect-server.log"
         server = _spawn(
-            _prefect("server", "start", "--host", "127.0.0.1", "--port", str(prefect_port), "--no-ui"),
+            _prefect("server", "start", "--host", "127.0.0.1", "--port", str(prefect_port), "--ui"),
             log,
             server_env,
             root,
@@ -190,6 +206,7 @@ def start_stack(
         stack.pids["prefect-server"] = server.pid
         stack.save()
         _wait_for(f"{stack.api_url}/health", server, "the Prefect server", log)
+        _wait_for(f"{stack.ui_url}/ui-settings", server, "the Prefect UI", log)
 
         stack.env = {"PREFECT_API_URL": stack.api_url, **s3.env()}
         client_env = {**env, **stack.env}
@@ -293,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"Prefect server {stack.api_url} ({stack.database}), work pool {args.pool} with one worker, "
                 f"S3 {stack.s3_endpoint} (bucket {stack.bucket}); data in {stack.root}"
             )
+            print(f"Prefect UI: {stack.ui_url} (flow runs: their graph, logs and artifacts)")
             print(f'eval "$({sys.executable} {__file__} env --dir {args.dir})"  # to use it from this shell')
         elif args.command == "env":
             for key, value in Stack.load(args.dir).env.items():
