@@ -21,14 +21,21 @@ OUTPUT_FROM_EVENT = "{{ event.payload.output }}"
 OVERWRITE_FROM_EVENT = "{{ event.payload.overwrite | default(false) }}"
 
 
-def trigger_parameters(base: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def trigger_parameters(
+    base: str, storage_options: dict[str, Any] | None = None, storage_block: str | None = None
+) -> dict[str, Any]:
     """The flow's `params` for a run an adapter-ready event starts: the adapter and the output from the event, the
     base fixed, and runs on one output queued one after another."""
-    return _params(base, ADAPTER_FROM_EVENT, OUTPUT_FROM_EVENT, OVERWRITE_FROM_EVENT, storage_options)
+    return _params(base, ADAPTER_FROM_EVENT, OUTPUT_FROM_EVENT, OVERWRITE_FROM_EVENT, storage_options, storage_block)
 
 
 def _params(
-    base: str, adapter: str, output: str, overwrite: bool | str, storage_options: dict[str, Any] | None
+    base: str,
+    adapter: str,
+    output: str,
+    overwrite: bool | str,
+    storage_options: dict[str, Any] | None,
+    storage_block: str | None = None,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "base": base,
@@ -39,6 +46,8 @@ def _params(
     }
     if storage_options:
         params["storage_options"] = storage_options
+    if storage_block:  # the block's name only: each run reads its secrets from the server
+        params["storage_block"] = storage_block
     return {"params": params}
 
 
@@ -60,12 +69,12 @@ def _refuse_secrets(storage_options: dict[str, Any] | None) -> None:
         raise LoraMergeError(
             f"--storage-options {', '.join(secret)}: a served deployment stores its parameters on the Prefect "
             "server, readable by anyone who can read the deployment; give credentials to the serving process's "
-            "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) and keep only endpoints and the "
-            "like in --storage-options"
+            "environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or to a Prefect block "
+            "(--storage-block NAME), and keep only endpoints and the like in --storage-options"
         )
 
 
-def adapter_ready_trigger(base: str, storage_options: dict[str, Any] | None = None):
+def adapter_ready_trigger(base: str, storage_options: dict[str, Any] | None = None, storage_block: str | None = None):
     from prefect.events import DeploymentEventTrigger
 
     return DeploymentEventTrigger(
@@ -76,7 +85,7 @@ def adapter_ready_trigger(base: str, storage_options: dict[str, Any] | None = No
         posture="Reactive",
         threshold=1,
         within=0,
-        parameters=trigger_parameters(base, storage_options),
+        parameters=trigger_parameters(base, storage_options, storage_block),
     )
 
 
@@ -88,6 +97,7 @@ def serve(
     adapter: str | None = None,
     output: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_block: str | None = None,
     limit: int | None = None,
 ) -> None:
     """Serve the merge flow from this process (no work pool): started by adapter-ready events, and by `cron` for
@@ -109,14 +119,14 @@ def serve(
     if cron:
         # The adapter at that path changes between runs: each run replaces the last one's merge (an unchanged
         # adapter finds every shard committed and only validates again).
-        params = _params(base, adapter, output, True, storage_options)
+        params = _params(base, adapter, output, True, storage_options, storage_block)
         try:
             schedules.append(Cron(cron, timezone="UTC", parameters=params))
         except ValueError as exc:
             raise LoraMergeError(f"--cron {cron!r} is not a cron expression ({exc})") from None
     lora_merge.serve(
         name=name,
-        triggers=[adapter_ready_trigger(base, storage_options)],
+        triggers=[adapter_ready_trigger(base, storage_options, storage_block)],
         schedules=schedules or None,
         limit=limit,
         print_starting_message=True,

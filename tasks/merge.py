@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from prefect_lora_merge.blocks import storage_block
 from prefect_lora_merge.core.consolidate import Manifest, consolidate
 from prefect_lora_merge.core.errors import LoraMergeError, StorageAccessError, StorageError
 from prefect_lora_merge.core.merge import merge_or_resume_shard
@@ -39,6 +40,7 @@ def plan_merge(params: MergeParameters) -> MergePlan:
         params.output,
         device=params.device,
         storage_options=params.storage_options,
+        credentials=storage_block(params.storage_block),
         output_dtype=params.output_dtype,
         min_delta_cosine=params.min_delta_cosine,
         as_quantized=params.round_trip(),

@@ -128,6 +128,22 @@ def test_serve_refuses_credentials_in_the_parameters_it_would_store(monkeypatch)
         deployment.serve("b", storage_options={"client_kwargs": {"endpoint_url": "http://s3"}})
 
 
+def test_serve_with_a_storage_block_gives_its_runs_the_blocks_name_and_no_secret(monkeypatch):
+    from prefect_lora_merge.flows import deployment
+
+    served: dict = {}
+    monkeypatch.setattr("prefect_lora_merge.flows.merge.lora_merge.serve", lambda **kwargs: served.update(kwargs))
+    with _api_url("http://127.0.0.1:9/api"):
+        deployment.serve("s3://models/b", cron="0 3 * * *", adapter="s3://a/x", output="s3://m/x", storage_block="prod")
+    (trigger,) = served["triggers"]
+    event = {"payload": {"adapter": "s3://adapters/run-7", "output": "s3://merged/run-7"}}
+    triggered = MergeParameters.model_validate(_triggered(trigger.parameters, event)["params"])
+    (cron,) = served["schedules"]
+    scheduled = MergeParameters.model_validate(cron.parameters["params"])
+    assert triggered.storage_block == scheduled.storage_block == "prod"
+    assert triggered.storage_options == scheduled.storage_options == {}
+
+
 def _api_url(url: str):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -62,10 +62,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, help=output_help)
         p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
+        storage_block(p)
         output_dtype(p, default="auto")
         as_quantized(p)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         p.add_argument("--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
+
+    def storage_block(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--storage-block",
+            metavar="NAME",
+            help="S3 credentials from a Prefect block (prefect-aws AwsCredentials, MinIOCredentials or S3Bucket; "
+            "NAME or TYPE/NAME), read from the Prefect server where the storage is opened",
+        )
 
     def output_dtype(p: argparse.ArgumentParser, *, default: str | None) -> None:
         p.add_argument(
@@ -186,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--base", help="base checkpoint (with --adapter: check against a fresh plan)")
     validate.add_argument("--adapter", help="PEFT adapter (with --base)")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
+    storage_block(validate)
     output_dtype(validate, default=None)
     as_quantized(validate)
     validate.add_argument(
@@ -210,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--output", help="with --cron: where its merge goes (each run replaces the last one's)")
     serve.add_argument("--limit", type=_count, help="merges this process runs at once (default: no limit)")
     serve.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON for every merge it runs")
+    storage_block(serve)
     serve.add_argument("--verbose", action="store_true", help="show full tracebacks")
     serve.set_defaults(handler=_serve)
 
@@ -326,6 +337,7 @@ def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         output_dtype=args.output_dtype,
         min_delta_cosine=args.min_delta_cosine,
         storage_options=storage_options,
+        storage_block=args.storage_block,
         **_as_quantized_parameters(args),
     )
     summary = run_merge(params)
@@ -395,6 +407,20 @@ def _parameters(**values: Any) -> MergeParameters:
         raise LoraMergeError("; ".join(problems)) from None
 
 
+def _credentials(args: argparse.Namespace) -> Any:
+    """--storage-block for the commands that open storage here (plan, validate): the block, read from the Prefect
+    server (PREFECT_API_URL, else an ephemeral one) when the storage is opened; None without one."""
+    from prefect_lora_merge.core.options import block_reference
+
+    reference = block_reference(args.storage_block)
+    if reference is None:
+        return None
+    _quiet_prefect(args.verbose)
+    from prefect_lora_merge.blocks import StorageBlock
+
+    return StorageBlock(reference)
+
+
 def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     from prefect_lora_merge.core.plan import make_plan
 
@@ -404,6 +430,7 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         args.output,
         device=args.device,
         storage_options=storage_options,
+        credentials=_credentials(args),
         output_dtype=args.output_dtype,
         as_quantized=_parameters(
             base=args.base, adapter=args.adapter, output=args.output, **_as_quantized_parameters(args)
@@ -504,7 +531,8 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         raise LoraMergeError("validate needs both --base and --adapter, or neither")
     if args.forward and not args.base:
         raise LoraMergeError("validate --forward needs --base and --adapter: it compares with PEFT's merge of them")
-    output = Location.parse(args.output, storage_options, what="--output")
+    credentials = _credentials(args)
+    output = Location.parse(args.output, storage_options, credentials=credentials, what="--output")
     plan = None
     if args.base:
         merged = _merged_manifest(output)
@@ -520,6 +548,7 @@ def _validate(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
             args.adapter,
             output,
             storage_options=storage_options,
+            credentials=credentials,
             output_dtype=output_dtype,
             as_quantized=round_trip,
         )
@@ -579,6 +608,7 @@ def _as_quantized_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect_lora_merge.core.options import block_reference
     from prefect_lora_merge.flows.deployment import serve
 
     serve(
@@ -588,6 +618,7 @@ def _serve(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         adapter=args.adapter,
         output=args.output,
         storage_options=storage_options or None,
+        storage_block=block_reference(args.storage_block),
         limit=args.limit,
     )
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .credentials import StorageCredentials
 from .errors import AdapterError, UnsupportedAdapterError
 from .safetensors_format import DTYPES, TensorEntry, dtype_name, read_header, tensor_from_bytes
 from .storage import Location
@@ -419,14 +420,17 @@ def _check_weights(where: str, tensors: list[AdapterTensor]) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_bin_cached(uri: str, options_key: str, file: str, version_key: str) -> dict[str, torch.Tensor]:
-    return _read_bin(Location(uri=uri, storage_options=json.loads(options_key)), file)
+def _load_bin_cached(
+    uri: str, options_key: str, credentials: StorageCredentials | None, file: str, version_key: str
+) -> dict[str, torch.Tensor]:
+    return _read_bin(Location(uri=uri, storage_options=json.loads(options_key), credentials=credentials), file)
 
 
 def _load_bin(location: Location, file: str) -> dict[str, torch.Tensor]:
     # Keyed by the file's version too: a long-lived worker must not merge a replaced adapter from its cache.
     version = json.dumps(location.version(file), sort_keys=True)
-    return _load_bin_cached(location.uri, json.dumps(location.storage_options, sort_keys=True), file, version)
+    options = json.dumps(location.storage_options, sort_keys=True)
+    return _load_bin_cached(location.uri, options, location.credentials, file, version)
 
 
 def _read_bin(location: Location, file: str) -> dict[str, torch.Tensor]:

@@ -11,10 +11,24 @@ from .errors import LoraMergeError
 from .formats.bitsandbytes import BLOCKSIZES, AsQuantized
 from .resources import DEVICE_PATTERN, parse_size
 
+# A Prefect block document's reference: its type's slug and its name, or the name alone.
+BLOCK_REFERENCE = r"([a-z0-9][a-z0-9-]*/)?[a-z0-9][a-z0-9-]*"
+
+
+def block_reference(value: str | None) -> str | None:
+    """A storage block's reference as given (empty: none), or the error that says what one looks like."""
+    value = (value or "").strip() or None
+    if value is not None and not re.fullmatch(BLOCK_REFERENCE, value):
+        raise LoraMergeError(
+            f"storage block {value!r} is not a block's name: give NAME or TYPE/NAME (lowercase letters, digits and "
+            "dashes), like aws-credentials/prod"
+        )
+    return value
+
 
 class MergeParameters(BaseModel):
-    """What to merge into what, and how. Storage credentials belong in the environment, not here: these
-    parameters are stored by Prefect and shown in its UI."""
+    """What to merge into what, and how. Storage credentials belong in the environment or a Prefect block
+    (storage_block), not here: these parameters are stored by Prefect and shown in its UI."""
 
     base: str = Field(description="Base checkpoint directory or URI (safetensors shards + index + config.json).")
     adapter: str = Field(description="PEFT LoRA adapter directory or URI (adapter_config.json + weights).")
@@ -90,6 +104,20 @@ class MergeParameters(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (e.g. endpoint_url) for base, adapter and output."
     )
+    storage_block: str | None = Field(
+        None,
+        description="A Prefect block with the S3 credentials for the s3:// locations: prefect-aws's AwsCredentials, "
+        "MinIOCredentials or S3Bucket, by name (or type/name, like aws-credentials/prod). Only the name is a "
+        "parameter: each process that opens the storage reads the block from the Prefect server.",
+    )
+
+    @field_validator("storage_block")
+    @classmethod
+    def _storage_block(cls, value: str | None) -> str | None:
+        try:
+            return block_reference(value)
+        except LoraMergeError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("max_memory")
     @classmethod

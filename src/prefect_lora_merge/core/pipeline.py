@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .consolidate import Manifest, consolidate, publish_manifest, with_checksums
+from .credentials import StorageCredentials
 from .errors import ValidationFailed
 from .formats.bitsandbytes import AsQuantized
 from .lease import output_lease
@@ -35,6 +36,7 @@ def merge_checkpoint(
     *,
     device: str = "cpu",
     storage_options: dict[str, Any] | None = None,
+    credentials: StorageCredentials | None = None,
     overwrite: bool = False,
     break_lock: bool = False,
     output_dtype: OutputDtype = "auto",
@@ -50,6 +52,7 @@ def merge_checkpoint(
         output,
         device=device,
         storage_options=storage_options,
+        credentials=credentials,
         output_dtype=output_dtype,
         min_delta_cosine=min_delta_cosine,
         as_quantized=as_quantized,

@@ -26,6 +26,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from .credentials import StorageCredentials, combined_options
 from .errors import LoraMergeError, OutputLocationError, StorageAccessError, StorageError
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
@@ -131,9 +132,15 @@ def storage_failure(location: Location, exc: BaseException, doing: str, name: st
     code, kind = _s3_code(exc), _botocore_kind(exc)
     if code is not None or kind is not None:
         store = f"the S3 store at {location.endpoint()}"
-        key = location.storage_options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
+        try:
+            options = location.given_options()
+        except LoraMergeError:
+            options = location.storage_options
+        key = options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
         key_named = f"access key {key!r}" if key else "the access key in use"
-        if location.storage_options.get("anon"):
+        if location.credentials is not None and options.get("key"):
+            key_named += f" (from {location.credentials.describe()})"
+        if options.get("anon"):
             key_named = "anonymous requests (anon in --storage-options)"
         if code in _UNKNOWN_KEY:
             return StorageAccessError(
@@ -285,9 +292,20 @@ class Location:
 
     uri: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Where credentials come from when they are not in the options (a StorageCredentials: a Prefect storage block),
+    # resolved in each process that opens the storage, never carried as secrets. Typed Any for the pydantic models
+    # that hold locations (a protocol has no schema).
+    credentials: Any = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "location") -> Location:
+    def parse(
+        cls,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        credentials: StorageCredentials | None = None,
+        what: str = "location",
+    ) -> Location:
         if not uri or not str(uri).strip():
             raise LoraMergeError(f"the {what} is empty: give a local path or a URI such as s3://bucket/prefix")
         uri = str(uri).strip()
@@ -299,7 +317,11 @@ class Location:
             )
         if "://" not in uri:
             uri = os.path.abspath(os.path.expanduser(uri))
-        location = cls(uri=uri.rstrip("/") or "/", storage_options=copy.deepcopy(storage_options or {}))
+        if fsspec.core.split_protocol(uri)[0] not in SERVER_COPY_PROTOCOLS:
+            credentials = None  # S3 credentials: a local base beside an S3 output needs none
+        location = cls(
+            uri=uri.rstrip("/") or "/", storage_options=copy.deepcopy(storage_options or {}), credentials=credentials
+        )
         location._open(what)
         return location
 
@@ -321,8 +343,9 @@ class Location:
                 extra = " (pip install 'prefect-lora-merge[s3]')" if protocol in SERVER_COPY_PROTOCOLS else ""
                 raise LoraMergeError(f"{what} {self.uri}: {exc}{extra}") from None
         if protocol in SERVER_COPY_PROTOCOLS:
+            options = self.given_options(what)
             for option, kind in _S3_OPTION_TYPES.items():
-                value = self.storage_options.get(option)
+                value = options.get(option)
                 if value is not None and not isinstance(value, kind):
                     raise LoraMergeError(
                         f"--storage-options: {option} must be {_KIND_NAMES[kind]}, not {json.dumps(value)}"
@@ -357,17 +380,22 @@ class Location:
 
     def endpoint(self) -> str:
         """The S3 endpoint the client is given, as botocore picks it (options first, then the environment)."""
-        client_kwargs = self.storage_options.get("client_kwargs")
+        options = self.given_options()
+        client_kwargs = options.get("client_kwargs")
         nested = client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None
-        given = self.storage_options.get("endpoint_url") or nested
+        given = options.get("endpoint_url") or nested
         found = given or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return str(found or "AWS's default endpoint (no endpoint_url or AWS_ENDPOINT_URL given)")
 
+    def given_options(self, what: str = "location") -> dict[str, Any]:
+        """The user's options over the credentials' (a storage block's), before this tool's defaults."""
+        return combined_options(self.storage_options, self.credentials, f"{what} {self.uri}")
+
     def fsspec_options(self) -> dict[str, Any]:
-        """The user's options plus this tool's defaults for the backend."""
+        """The user's options (over the credentials') plus this tool's defaults for the backend."""
         # A deep copy: botocore rewrites the nested retries dict in place, which would change the caller's options
         # and fsspec's instance-cache key.
-        options = copy.deepcopy(self.storage_options)
+        options = copy.deepcopy(self.given_options())
         if self.uri.startswith(("s3://", "s3a://")):
             # botocore's legacy mode gives up after 5 attempts and s3fs does not retry a 500 after that; the
             # standard mode with 10 attempts survived 6 injected 500s in a row (shared notes).

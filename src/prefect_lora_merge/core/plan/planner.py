@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..adapter import load_adapter_index
+from ..credentials import StorageCredentials
 from ..errors import UnsupportedBaseError
 from ..fingerprint import merge_fingerprint
 from ..formats.bitsandbytes import AsQuantized
@@ -37,6 +38,7 @@ def make_plan(
     *,
     device: str = "cpu",
     storage_options: dict[str, Any] | None = None,
+    credentials: StorageCredentials | None = None,
     output_dtype: OutputDtype = "auto",
     min_delta_cosine: float | None = None,
     as_quantized: AsQuantized | None = None,
@@ -46,11 +48,17 @@ def make_plan(
     quantized weights as they are and re-quantizes touched ones in the base's format. `as_quantized` (a 16-bit
     base only) puts every Linear weight through bitsandbytes' 4-bit round trip before the delta: the weights a QLoRA
     adapter was trained against."""
-    base_loc = base if isinstance(base, Location) else Location.parse(base, storage_options, what="--base")
-    adapter_loc = (
-        adapter if isinstance(adapter, Location) else Location.parse(adapter, storage_options, what="--adapter")
+
+    def located(where: str | Location, what: str) -> Location:
+        if isinstance(where, Location):
+            return where
+        return Location.parse(where, storage_options, credentials=credentials, what=what)
+
+    base_loc, adapter_loc, output_loc = (
+        located(base, "--base"),
+        located(adapter, "--adapter"),
+        located(output, "--output"),
     )
-    output_loc = output if isinstance(output, Location) else Location.parse(output, storage_options, what="--output")
     refuse_output_inside_inputs(output_loc, base=base_loc, adapter=adapter_loc)
 
     files, weight_map, index_metadata, has_index = base_layout(base_loc)
