@@ -81,10 +81,20 @@ def build(root: Path, steps: int = 4, lr: float = 2e-3) -> QloraCase:
             optimizer.step()
             optimizer.zero_grad()
         peft_model.eval()
+        _portable_cpu_forward(peft_model)
         with torch.no_grad():
             logits = peft_model(input_ids=tokens).logits.float()
         peft_model.save_pretrained(root / "adapter")
     return QloraCase(root, root / "base16", quantized, root / "adapter", tokens, logits)
+
+
+def _portable_cpu_forward(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks every 4-bit weight in place at its first inference
+    forward for a faster kernel, which asserts out_features divisible by 32 (our 200-feature MLP deliberately is not).
+    Keep the portable dequantize-then-matmul forward, the same on every CPU and the one a merge reproduces."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def oracle_weights(directory: Path) -> dict[str, torch.Tensor]:
