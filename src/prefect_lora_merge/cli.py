@@ -319,28 +319,32 @@ def _quiet_prefect(verbose: bool) -> None:
 
 def _run(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     _quiet_prefect(args.verbose)
-    from prefect_lora_merge.flows import run_merge
+    from prefect_lora_merge.flows.api import ephemeral_api_ahead
 
-    params = _parameters(
-        base=args.base,
-        adapter=args.adapter,
-        output=args.output,
-        device=args.device,
-        workers=args.workers,
-        max_memory=args.max_memory,
-        runner=args.runner,
-        dask_address=args.dask_address,
-        dask_workers=args.dask_workers,
-        overwrite=args.overwrite,
-        break_lock=args.break_lock,
-        wait_for_output=args.wait_for_output,
-        output_dtype=args.output_dtype,
-        min_delta_cosine=args.min_delta_cosine,
-        storage_options=storage_options,
-        storage_block=args.storage_block,
-        **_as_quantized_parameters(args),
-    )
-    summary = run_merge(params)
+    with ephemeral_api_ahead() as api:  # Prefect's ephemeral server starts while torch and the flow are imported
+        from prefect_lora_merge.flows import run_merge
+
+        params = _parameters(
+            base=args.base,
+            adapter=args.adapter,
+            output=args.output,
+            device=args.device,
+            workers=args.workers,
+            max_memory=args.max_memory,
+            runner=args.runner,
+            dask_address=args.dask_address,
+            dask_workers=args.dask_workers,
+            overwrite=args.overwrite,
+            break_lock=args.break_lock,
+            wait_for_output=args.wait_for_output,
+            output_dtype=args.output_dtype,
+            min_delta_cosine=args.min_delta_cosine,
+            storage_options=storage_options,
+            storage_block=args.storage_block,
+            **_as_quantized_parameters(args),
+        )
+        api.ready()
+        summary = run_merge(params)
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:
@@ -639,9 +643,12 @@ def _announce(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 
 def _demo(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     _quiet_prefect(args.verbose)
-    from prefect_lora_merge.demo import run_demo
+    from prefect_lora_merge.flows.api import ephemeral_api_ahead
 
-    print(run_demo(args.workdir, workers=args.workers))
+    with ephemeral_api_ahead() as api:  # starting while the demo's models are built
+        from prefect_lora_merge.demo import run_demo
+
+        print(run_demo(args.workdir, workers=args.workers, before_merge=api.ready))
     return 0
 
 

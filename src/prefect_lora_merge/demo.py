@@ -6,6 +6,7 @@ Needs the `demo` extra (transformers, peft). Nothing is downloaded: the model is
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -61,7 +62,11 @@ def peft_max_difference(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> 
     )
 
 
-def run_demo(workdir: str | Path, *, workers: int | None = None) -> str:
+def run_demo(
+    workdir: str | Path, *, workers: int | None = None, before_merge: Callable[[], None] = lambda: None
+) -> str:
+    """Build the inputs, merge them through the flow (`before_merge` first: the CLI's ephemeral server hand-over),
+    compare with PEFT; the lines to print."""
     import warnings
 
     import transformers
@@ -83,6 +88,7 @@ def run_demo(workdir: str | Path, *, workers: int | None = None) -> str:
         workers=workers,
         overwrite=True,
     )
+    before_merge()
     summary = run_merge(params)
     difference = peft_max_difference(base_dir, adapter_dir, merged_dir)
     verdict = "identical to" if difference == 0 else f"max |difference| {difference:g} from"
