@@ -4,9 +4,9 @@ that Prefect starts at a run's first API call and stops when the process exits.
 Starting that subprocess is most of a small merge's start-up (~5 s here: it imports and builds Prefect's whole
 server), and nothing needs it while this process imports torch and the flow (~1.5 s). So `start_ephemeral_api`
 launches it first, with the command and environment Prefect's `SubprocessASGIServer` uses, and `EarlyApi.ready`
-hands the process to Prefect's one ephemeral server of this process: the flow's client finds it running, and Prefect stops it
-at exit as its own. Where any of that does not hold (another Prefect, a port taken), the launched process is stopped
-and Prefect starts its server itself, as without this module."""
+hands the process to Prefect's one ephemeral server of this process: the flow's client finds it running, and
+Prefect stops it at exit as its own. Where any of that does not hold (another Prefect, a port taken), the launched
+process is stopped and Prefect starts its server itself, as without this module."""
 
 from __future__ import annotations
 
