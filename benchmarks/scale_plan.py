@@ -149,7 +149,7 @@ def write_adapter(directory: Path, rank: int) -> None:
 
 def plan_summary(plan) -> str:
     """The plan's per-shard work in one line: bytes, touched tensors, computed bytes, copies, memory estimate."""
-    peaks = sorted(s.peak_bytes(plan.job.adapter) for s in plan.shards)
+    peaks = sorted(s.peak_bytes(plan.job.adapters) for s in plan.shards)
     touched = [s for s in plan.shards if s.touched]
     computed = sum(t.base.nbytes for s in plan.shards for t in s.tensors if t.computed)
     written = sum(e.nbytes for s in plan.shards for e in s.output_entries())

@@ -79,7 +79,7 @@ def publish_summary(plan: MergePlan, failures: list[str], report: ValidationRepo
         lines += ["## Passed", ""]
     touched = sum(len(s.touched) for s in plan.shards)
     lines += [
-        f"- base `{plan.job.base.uri}`, adapter `{plan.job.adapter.location.uri}`",
+        f"- base `{plan.job.base.uri}`, adapter `{plan.job.adapters.label}`",
         f"- {len(plan.shards)} shard(s), {touched} tensor(s) changed, output dtype {plan.output_dtype}",
         f"- {seconds:.1f} s in all" + (f", of which validation {report.seconds:.1f} s" if report else ""),
         f"- fingerprint `{plan.fingerprint[:16]}`",

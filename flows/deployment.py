@@ -16,7 +16,12 @@ TRIGGER = "adapter-ready"
 
 # What a run the trigger starts takes from the event (announce_adapter's payload). An event without `overwrite`
 # (emitted by other tools) does not replace another adapter's merge.
-ADAPTER_FROM_EVENT = "{{ event.payload.adapter }}"
+# The adapter is one URI or a list of them (several adapters in one pass): rendered as JSON, then parsed, so a list
+# arrives as a list and not as its Python repr.
+ADAPTER_FROM_EVENT = {
+    "__prefect_kind": "json",
+    "value": {"__prefect_kind": "jinja", "template": "{{ event.payload.adapter | tojson }}"},
+}
 OUTPUT_FROM_EVENT = "{{ event.payload.output }}"
 OVERWRITE_FROM_EVENT = "{{ event.payload.overwrite | default(false) }}"
 
@@ -31,7 +36,7 @@ def trigger_parameters(
 
 def _params(
     base: str,
-    adapter: str,
+    adapter: str | list[str] | dict[str, Any],
     output: str,
     overwrite: bool | str,
     storage_options: dict[str, Any] | None,
@@ -94,7 +99,7 @@ def serve(
     *,
     name: str = DEPLOYMENT,
     cron: str | None = None,
-    adapter: str | None = None,
+    adapter: str | list[str] | None = None,
     output: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_block: str | None = None,

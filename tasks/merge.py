@@ -36,7 +36,7 @@ def plan_merge(params: MergeParameters) -> MergePlan:
     """Read headers and the adapter; refuse bad inputs before anything is written."""
     return make_plan(
         params.base,
-        params.adapter,
+        params.adapter_specs(),
         params.output,
         device=params.device,
         storage_options=params.storage_options,

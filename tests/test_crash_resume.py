@@ -84,6 +84,7 @@ def _cli(
     pause_marker=None,
     wait=True,
     device="cpu",
+    adapters=None,
 ):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
@@ -101,7 +102,8 @@ def _cli(
         env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN), env.get("PYTHONPATH", "")])
     command = [
         *(sys.executable, "-m", "prefect_lora_merge.cli", "run", "--json", "--device", device, "--workers", "1"),
-        *("--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "--output", output),
+        *("--base", str(case.base_dir), "--output", output),
+        *(arg for adapter in adapters or [str(case.adapter_dir)] for arg in ("--adapter", adapter)),
     ]
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,6 +181,37 @@ def test_a_merge_started_by_the_flow_is_finished_by_merge_checkpoint(llama_case,
 
     assert result.report.passed
     assert sorted(r.file for r in result.receipts if r.resumed) == committed
+    assert Output(tmp_path).published() == _published(reference)
+
+
+def test_a_merge_of_several_adapters_killed_between_shards_resumes_to_the_same_bytes(llama_case, tmp_path):
+    import zoo
+    from peft import LoraConfig
+    from prefect.settings import PREFECT_API_URL
+
+    second = zoo.build_adapter_for(
+        llama_case, tmp_path / "second", LoraConfig(r=2, use_rslora=True, target_modules=["q_proj", "up_proj"]), 7
+    )
+    adapters = [str(llama_case.adapter_dir), f"{second}:-0.5"]
+    reference = tmp_path / "uninterrupted"
+    merge_checkpoint(str(llama_case.base_dir), adapters, str(reference))
+    out = tmp_path / "merged"
+    api = PREFECT_API_URL.value()
+    killed = _cli(
+        llama_case, str(out), tmp_path / "prefect-1", api_url=api, kill_at="between-shards", adapters=adapters
+    )
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    committed = sorted(p.name.removesuffix(".json") for p in (out / ".lora-merge" / "shards").iterdir())
+    assert len(committed) == 2
+
+    rerun = _cli(llama_case, str(out), tmp_path / "prefect-2", adapters=adapters)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_shards"] == committed
+    assert Output(tmp_path).published() == _published(reference)
+    # The same adapters at another weight are another merge: refused, the output untouched.
+    other = _cli(llama_case, str(out), tmp_path / "prefect-3", adapters=[adapters[0], f"{second}:0.5"])
+    assert other.returncode == 1 and "another" in other.stderr, other.stderr
     assert Output(tmp_path).published() == _published(reference)
 
 

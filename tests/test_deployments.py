@@ -94,6 +94,20 @@ def test_an_adapter_ready_event_renders_to_valid_merge_parameters(monkeypatch, a
     assert params.wait_for_output, "two events for one output queue instead of failing"
 
 
+def test_an_event_that_announces_several_adapters_renders_to_a_list_of_them(monkeypatch):
+    (trigger,) = _deployment()["triggers"]
+    deployed = _deployed(trigger["parameters"], monkeypatch, LORA_MERGE_BASE="s3://models/base")
+    adapters = ["s3://adapters/domain", "s3://adapters/chat:0.5", "s3://adapters/unlearn:-1"]
+    event = {"payload": {"adapter": adapters, "output": "s3://merged/blend"}}
+    params = MergeParameters.model_validate(_triggered(deployed, event)["params"])
+    assert params.adapter == adapters
+    assert [(s.uri, s.weight) for s in params.adapter_specs()] == [
+        ("s3://adapters/domain", 1.0),
+        ("s3://adapters/chat", 0.5),
+        ("s3://adapters/unlearn", -1.0),
+    ]
+
+
 def test_the_example_schedule_is_inactive_and_replaces_last_nights_merge(monkeypatch):
     (schedule,) = _deployment()["schedules"]
     assert schedule["active"] is False

@@ -26,7 +26,7 @@ def test_every_merged_shard_measures_its_bytes_time_and_memory_consistently(llam
         )
         assert 0 < m.seconds <= receipt.seconds and m.compute_seconds <= m.seconds
         assert m.peak_memory_bytes >= m.start_memory_bytes > 0
-        assert m.estimated_peak_bytes == shard.peak_bytes(result.plan.job.adapter)
+        assert m.estimated_peak_bytes == shard.peak_bytes(result.plan.job.adapters)
         assert not m.above_estimate, measured_line(receipt)
         assert m.gpu_peak_bytes is None
         assert receipt.file in measured_line(receipt) and "estimate" in measured_line(receipt)

@@ -149,7 +149,7 @@ def test_a_kept_shard_merge_reads_each_stored_part_once_and_its_estimate_counts_
             for ref in t.quantized.others
             if ref.file == shard.file
         )
-        assert shard.peak_bytes(result.plan.job.adapter) >= ahead
+        assert shard.peak_bytes(result.plan.job.adapters) >= ahead
 
 
 def test_a_trained_copy_of_another_shape_for_a_quantized_weight_is_refused_before_anything_is_written(case, tmp_path):

@@ -765,3 +765,11 @@ def peft_changed_checkpoint_keys(case: Case, scratch: Path) -> set[str]:
     unknown = sorted(set(saved) - set(base))
     assert not unknown, f"{case.name}: oracle checkpoint has keys the base lacks: {unknown[:5]}"
     return {k for k, v in saved.items() if not torch.equal(v, base[k])}
+
+
+def build_adapter_for(case: Case, adapter_dir: Path, lora_config: LoraConfig, seed: int) -> Path:
+    """Another random PEFT adapter for `case`'s base, as a second training run would save it."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model = case.model_cls.from_pretrained(str(case.base_dir), dtype=torch.float32)
+    _build_adapter(model, lora_config, adapter_dir, seed=seed, notes=[])
+    return adapter_dir

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # the CLI imports torch-backed modules only when a command ne
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if isinstance(getattr(args, "adapter", None), list) and len(args.adapter) == 1:
+        args.adapter = args.adapter[0]  # one adapter: a plain string, as it always was in parameters and events
     try:
         storage_options = _storage_options(args)
         return int(args.handler(args, storage_options) or 0)
@@ -56,9 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def adapter_option(p: argparse.ArgumentParser, *, required: bool = False, help: str | None = None) -> None:
+        p.add_argument(
+            "--adapter",
+            action="append",
+            required=required,
+            metavar="PATH[:WEIGHT]",
+            type=_adapter,
+            help=help
+            or "PEFT adapter directory or URI, optionally with a weight (default 1, may be negative); repeat it to "
+            "merge several adapters in one pass: W + Σ weight·ΔW",
+        )
+
     def inputs(p: argparse.ArgumentParser, *, output_help: str) -> None:
         p.add_argument("--base", required=True, help="base checkpoint directory or URI")
-        p.add_argument("--adapter", required=True, help="PEFT adapter directory or URI")
+        adapter_option(p, required=True)
         p.add_argument("--output", required=True, help=output_help)
         p.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON, e.g. an endpoint_url")
@@ -193,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a merged output (against base + adapter when given)")
     validate.add_argument("--output", required=True, help="the merged checkpoint to check")
     validate.add_argument("--base", help="base checkpoint (with --adapter: check against a fresh plan)")
-    validate.add_argument("--adapter", help="PEFT adapter (with --base)")
+    adapter_option(validate, help="PEFT adapter (with --base), PATH[:WEIGHT]; repeat it for a merge of several")
     validate.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
     storage_block(validate)
     output_dtype(validate, default=None)
@@ -216,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--base", required=True, help="the base checkpoint every merge of this deployment uses")
     serve.add_argument("--name", default="lora-merge", help="the deployment's name (default: lora-merge)")
     serve.add_argument("--cron", help='also merge --adapter into --output on this UTC schedule, like "0 3 * * *"')
-    serve.add_argument("--adapter", help="with --cron: the adapter to merge (a path the training job overwrites)")
+    adapter_option(serve, help="with --cron: the adapter to merge (a path the training job overwrites); repeatable")
     serve.add_argument("--output", help="with --cron: where its merge goes (each run replaces the last one's)")
     serve.add_argument("--limit", type=_count, help="merges this process runs at once (default: no limit)")
     serve.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON for every merge it runs")
@@ -229,7 +243,9 @@ def _parser() -> argparse.ArgumentParser:
         help="emit the adapter-ready event that starts a deployed merge (for a training job's last step); needs "
         "PREFECT_API_URL",
     )
-    announce.add_argument("--adapter", required=True, help="the adapter's URI, as the merge workers reach it")
+    adapter_option(
+        announce, required=True, help="the adapter's URI, as the merge workers reach it, PATH[:WEIGHT]; repeatable"
+    )
     announce.add_argument("--output", required=True, help="where its merge goes")
     announce.add_argument(
         "--overwrite",
@@ -282,6 +298,17 @@ def _memory_size(text: str) -> str:
     except LoraMergeError:
         raise argparse.ArgumentTypeError(f"must be a size like 16GiB, 500MB or 2000000000, not {text!r}") from None
     return text
+
+
+def _adapter(text: str) -> str:
+    """PATH or PATH:WEIGHT (--adapter), checked as the merge will read it; kept as given."""
+    from prefect_lora_merge.core.adapter_spec import AdapterSpec
+
+    try:
+        AdapterSpec.parse(text)
+    except LoraMergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def _device(text: str) -> str:
@@ -444,14 +471,14 @@ def _plan(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         _write_kubernetes(args, plan.estimated_peak_bytes)
     elif args.image or args.gpu:
         raise LoraMergeError("--image and --gpu size the --kubernetes files: give --kubernetes DIR too")
-    adapter = plan.job.adapter
+    adapters = plan.job.adapters
     rows = [
         {
             "shard": s.file,
             "tensors": len(s.tensors),
             "touched": len(s.touched),
             "bytes": s.base_size,
-            "estimated_peak_bytes": s.peak_bytes(adapter),
+            "estimated_peak_bytes": s.peak_bytes(adapters),
             "updates": {t.name: [u.kind if u.kind != "delta" else u.form for u in t.updates] for t in s.touched},
         }
         for s in plan.shards
@@ -637,7 +664,8 @@ def _announce(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
 
     event = announce_adapter(args.adapter, args.output, overwrite=args.overwrite)
-    print(f"announced {args.adapter} -> {args.output} (event {event})")
+    named = args.adapter if isinstance(args.adapter, str) else " + ".join(args.adapter)
+    print(f"announced {named} -> {args.output} (event {event})")
     return 0
 
 

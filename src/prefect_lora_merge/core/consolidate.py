@@ -97,7 +97,8 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
             data = _json_bytes(_updated_config(json.loads(data), plan.config_updates, plan.config_removals))
         files[name] = _write(output, name, data)
 
-    adapter = plan.job.adapter
+    adapters = plan.job.adapters
+    adapter = adapters.first
     manifest = Manifest(
         tool_version=tool_version(),
         fingerprint=plan.fingerprint,
@@ -105,11 +106,26 @@ def consolidate(plan: MergePlan, receipts: list[ShardReceipt]) -> Manifest:
         as_quantized=plan.as_quantized,
         base={"uri": base.uri, "shards": {s.file: s.base_size for s in plan.shards}},
         adapter={
-            "uri": adapter.location.uri,
+            "uri": adapter.location.uri if adapters.plain else adapters.label,
             "file": adapter.file,
             "version": adapter.version,
-            "tensors": sorted(adapter.tensors),
+            "tensors": sorted(adapters.tensors),
             "usage": plan.adapter_usage,
+            **(
+                {}
+                if adapters.plain
+                else {
+                    "members": [
+                        {
+                            "uri": m.index.location.uri,
+                            "file": m.index.file,
+                            "version": m.index.version,
+                            "weight": m.weight,
+                        }
+                        for m in adapters.members
+                    ]
+                }
+            ),
         },
         decisions=list(plan.decisions),
         files=dict(sorted(files.items())),

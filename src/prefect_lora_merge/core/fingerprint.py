@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from .adapter import AdapterIndex
+from .adapters import AdapterSet
 from .safetensors_format import ShardHeader
 
 # Bump whenever the bytes a merge writes for the same inputs could change.
@@ -35,12 +36,13 @@ def merge_fingerprint(
     base_headers: list[ShardHeader],
     base_versions: dict[str, dict[str, Any]],
     base_config: bytes | None,
-    adapter: AdapterIndex,
+    adapters: AdapterSet,
     output_dtype: str,
 ) -> str:
     """sha256 of what decides the output bytes: each base shard's layout and object version, the base's
-    config.json, the adapter's weights file (version and layout) and merge-relevant config, the output dtype mode."""
-    identity = {
+    config.json, each adapter's weights file (version and layout) and merge-relevant config, and its weight, the
+    output dtype mode. One adapter at weight 1 is hashed as it was before adapter sets, so its outputs resume."""
+    identity: dict[str, Any] = {
         "fingerprint_version": FINGERPRINT_VERSION,
         "algorithm_version": ALGORITHM_VERSION,
         "output_dtype": output_dtype,
@@ -56,11 +58,18 @@ def merge_fingerprint(
                 for h in base_headers
             },
         },
-        "adapter": {
-            "file": adapter.file,
-            "version": adapter.version,
-            "config": {k: v for k, v in adapter.raw_config.items() if k not in ADAPTER_FIELDS_WITHOUT_EFFECT},
-            "tensors": {k: [t.name, t.dtype, list(t.shape), t.begin, t.end] for k, t in adapter.tensors.items()},
-        },
     }
+    if adapters.plain:
+        identity["adapter"] = _adapter_identity(adapters.first)
+    else:  # the order is part of it: it numbers the adapter tensors in the output's records
+        identity["adapters"] = [{**_adapter_identity(m.index), "weight": m.weight} for m in adapters.members]
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _adapter_identity(adapter: AdapterIndex) -> dict[str, Any]:
+    return {
+        "file": adapter.file,
+        "version": adapter.version,
+        "config": {k: v for k, v in adapter.raw_config.items() if k not in ADAPTER_FIELDS_WITHOUT_EFFECT},
+        "tensors": {k: [t.name, t.dtype, list(t.shape), t.begin, t.end] for k, t in adapter.tensors.items()},
+    }

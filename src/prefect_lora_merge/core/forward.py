@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -36,7 +37,7 @@ class ForwardCheck(BaseModel):
 def forward_check(plan: MergePlan, failures: list[str]) -> ForwardCheck:
     """Compare logits of the merged output with PEFT's merge; append a failure naming what differs."""
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as exc:
         raise LoraMergeError("--forward needs transformers and peft: pip install 'prefect-lora-merge[demo]'") from exc
@@ -47,7 +48,8 @@ def forward_check(plan: MergePlan, failures: list[str]) -> ForwardCheck:
         )
     with tempfile.TemporaryDirectory(prefix="lora-merge-forward-") as tmp:
         base_dir = _local(plan.job.base, Path(tmp) / "base")
-        adapter_dir = _local(plan.job.adapter.location, Path(tmp) / "adapter")
+        adapters = plan.job.adapters
+        adapter_dirs = [_local(m.index.location, Path(tmp) / f"adapter-{i}") for i, m in enumerate(adapters.members)]
         output_dir = _local(plan.job.output, Path(tmp) / "output")
         config = AutoConfig.from_pretrained(base_dir)
         architecture = (getattr(config, "architectures", None) or ["?"])[0]
@@ -59,7 +61,7 @@ def forward_check(plan: MergePlan, failures: list[str]) -> ForwardCheck:
         prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(SEED))
         base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         base_logits = _logits(base_model, prompt)
-        reference = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+        reference = _peft_reference(base_model, adapter_dirs, [m.weight for m in adapters.members])
         expected = _logits(reference, prompt)
         del base_model, reference
         merged = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
@@ -101,3 +103,21 @@ def _local(location: Location, target: Path) -> str:
     for name in location.list_files():
         location.fs.get(location.path(name), str(target / name))
     return str(target)
+
+
+def _peft_reference(base_model: Any, adapter_dirs: list[Path], weights: list[float]) -> Any:
+    """PEFT's merge of the adapters at their weights: each loaded under its own name, each LoRA layer's scaling
+    multiplied by its adapter's weight, all merged by `merge_and_unload`, which adds their deltas one by one."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"adapter_{i}" for i in range(len(adapter_dirs))]
+    model = PeftModel.from_pretrained(base_model, adapter_dirs[0], adapter_name=names[0])
+    for name, where in zip(names[1:], adapter_dirs[1:], strict=True):
+        model.load_adapter(where, adapter_name=name)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, weight in zip(names, weights, strict=True):
+                if name in module.scaling:
+                    module.scaling[name] *= weight
+    return model.merge_and_unload(adapter_names=names)

@@ -24,7 +24,6 @@ from typing import BinaryIO
 
 import torch
 
-from .adapter import read_adapter_tensor
 from .buffers import BufferPool
 from .errors import AdapterError, CheckpointFormatError, LoraMergeError
 from .formats import weight_format
@@ -124,11 +123,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
     for file in sorted(_files_read_from(shard) - {shard.file}):
         if base.version(file) != job.base_versions.get(file):
             raise _changed_since_planned(base.describe(file))
-    adapter = job.adapter
-    if adapter.location.version(adapter.file) != adapter.version:
-        raise LoraMergeError(
-            f"{adapter.location.describe(adapter.file)} changed since the merge was planned; plan the merge again"
-        )
+    job.adapters.check_unchanged()
     if shard.copies_base_bytes():
         receipt = _copy_server_side(job, shard, started)
         if receipt is not None:
@@ -151,7 +146,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
 
     def fetch(key: str) -> torch.Tensor:
         if key not in adapter_cache:
-            adapter_cache[key] = read_adapter_tensor(job.adapter, key).to(device=device, dtype=torch.float32)
+            adapter_cache[key] = job.adapters.read(key).to(device=device, dtype=torch.float32)
         return adapter_cache[key]
 
     with job.output.atomic_writer(shard.file) as out, _write_behind(out, shard.file) as writer:
@@ -204,7 +199,7 @@ def merge_shard(job: MergeJob, shard: ShardPlan, threads: int | None = None) -> 
             peak_memory_bytes=peak,
             start_memory_bytes=meter.resident_at_start,
             gpu_peak_bytes=gpu_peak,
-            estimated_peak_bytes=shard.peak_bytes(job.adapter),
+            estimated_peak_bytes=shard.peak_bytes(job.adapters),
         ),
     )
     write_record(job.output, receipt.record())

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from .adapter_spec import AdapterSpec
 from .errors import LoraMergeError
 from .formats.bitsandbytes import BLOCKSIZES, AsQuantized
 from .resources import DEVICE_PATTERN, parse_size
@@ -31,7 +32,10 @@ class MergeParameters(BaseModel):
     (storage_block), not here: these parameters are stored by Prefect and shown in its UI."""
 
     base: str = Field(description="Base checkpoint directory or URI (safetensors shards + index + config.json).")
-    adapter: str = Field(description="PEFT LoRA adapter directory or URI (adapter_config.json + weights).")
+    adapter: str | list[str | AdapterSpec] = Field(
+        description="PEFT LoRA adapter directory or URI (adapter_config.json + weights), as PATH or PATH:WEIGHT; or "
+        "a list of them, merged in one pass as W + Σ wᵢ·ΔWᵢ (a weight defaults to 1 and may be negative)."
+    )
     output: str = Field(description="Where the merged checkpoint goes; never inside the base or adapter.")
     device: str = Field("auto", description="auto, cpu or cuda[:N]: where touched tensors are computed.")
     workers: int | None = Field(
@@ -111,6 +115,21 @@ class MergeParameters(BaseModel):
         "parameter: each process that opens the storage reads the block from the Prefect server.",
     )
 
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str | list[str | AdapterSpec]) -> str | list[str | AdapterSpec]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one adapter")
+        try:
+            adapter_specs(value)
+        except LoraMergeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def adapter_specs(self) -> tuple[AdapterSpec, ...]:
+        """The adapters to merge, in order, each with its weight."""
+        return adapter_specs(self.adapter)
+
     @field_validator("storage_block")
     @classmethod
     def _storage_block(cls, value: str | None) -> str | None:
@@ -187,3 +206,9 @@ def as_quantized_settings(
     if quant_type is None:
         return None
     return AsQuantized(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, skip=tuple(skip))
+
+
+def adapter_specs(adapter: str | AdapterSpec | list[str | AdapterSpec]) -> tuple[AdapterSpec, ...]:
+    """Each adapter named, parsed: `PATH`, `PATH:WEIGHT`, or an AdapterSpec; one or a list."""
+    given = adapter if isinstance(adapter, list) else [adapter]
+    return tuple(one if isinstance(one, AdapterSpec) else AdapterSpec.parse(one) for one in given)

@@ -17,6 +17,7 @@ from .formats.bitsandbytes import AsQuantized
 from .lease import output_lease
 from .merge import merge_or_resume_shard, resolve_device
 from .plan import REPORT_FILE, MergePlan, OutputDtype, make_plan
+from .plan.planner import Adapters
 from .resources import choose_parallelism, parse_size
 from .state import ShardReceipt, claim_output, shard_figures, write_record
 from .validate import ValidationReport, validate_output
@@ -31,7 +32,7 @@ class MergeResult(BaseModel):
 
 def merge_checkpoint(
     base: str,
-    adapter: str,
+    adapter: Adapters,
     output: str,
     *,
     device: str = "cpu",

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from pydantic import BaseModel
 
-from .adapter import read_adapter_tensor
 from .errors import LoraMergeError
 from .formats import weight_format
 from .lora_math import all_finite, delta_weight, dora_rescale, expert_factors, lora_factors
@@ -72,7 +71,7 @@ def check_numbers(
 
         def fetch(key: str) -> torch.Tensor:
             if key not in adapter_cache:
-                adapter_cache[key] = read_adapter_tensor(plan.job.adapter, key).to(torch.float64)
+                adapter_cache[key] = plan.job.adapters.read(key).to(torch.float64)
             return adapter_cache[key]
 
         header = headers[shard.file]

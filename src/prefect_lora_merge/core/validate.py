@@ -322,7 +322,7 @@ def _check_against_plan(
         for name in sorted(got):
             failures.append(f"{shard.file}: tensor {name!r} is not in the base shard (extra tensor)")
     planned = Counter(k for key, targets in plan.adapter_usage.items() for k in [key] * len(targets))
-    unused = sorted(set(plan.job.adapter.tensors) - set(plan.adapter_usage))
+    unused = sorted(set(plan.job.adapters.tensors) - set(plan.adapter_usage))
     for key in unused:
         failures.append(f"adapter tensor {key} is not applied anywhere")
     if manifest is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..adapter import AdapterIndex
+from ..adapters import AdapterSet
 from ..formats import weight_format
 from ..storage import POOLED_BYTES, READ_AHEAD_BYTES, WRITE_BEHIND_BYTES
 from ..update import merges_by_tiles, update_keys
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .model import ShardPlan
 
 
-def shard_peak_bytes(shard: ShardPlan, adapter: AdapterIndex) -> int:
+def shard_peak_bytes(shard: ShardPlan, adapters: AdapterSet) -> int:
     """Working memory of a shard's merge: what the reader holds (its budget, or one larger tensor alone), what the
     writer holds (likewise), the free buffers kept for reuse, and the largest computed tensor's float32 temporaries
     with its adapter tensors: three full copies for a whole-tensor merge or a dequantization, the format's own count
@@ -34,7 +34,7 @@ def shard_peak_bytes(shard: ShardPlan, adapter: AdapterIndex) -> int:
         if not t.computed:
             continue
         updates = t.weight_updates
-        adapter_bytes = sum(math.prod(adapter.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
+        adapter_bytes = sum(math.prod(adapters.tensors[k].shape) * 4 for u in updates for k in update_keys(u))
         shape = t.quantized.weight.shape if t.quantized else t.shape
         values = math.prod(shape) * 4
         tiled = merges_by_tiles(updates) and len(shape) == 2

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..adapter import AdapterIndex
+from ..adapters import AdapterSet
 from ..fingerprint import ALGORITHM_VERSION
 from ..formats.base import QuantizedWeight, TensorRef
 from ..formats.bitsandbytes import AsQuantized
@@ -137,9 +137,9 @@ class ShardPlan(BaseModel):
             for t in self.tensors
         )
 
-    def peak_bytes(self, adapter: AdapterIndex) -> int:
+    def peak_bytes(self, adapters: AdapterSet) -> int:
         """Working memory of this shard's merge (see `memory.shard_peak_bytes`)."""
-        return shard_peak_bytes(self, adapter)
+        return shard_peak_bytes(self, adapters)
 
 
 class MergeJob(BaseModel):
@@ -149,7 +149,7 @@ class MergeJob(BaseModel):
 
     base: Location
     base_versions: dict[str, dict[str, Any]]  # shard -> size and ETag/mtime: part of the fingerprint
-    adapter: AdapterIndex
+    adapters: AdapterSet
     output: Location
     device: str = "cpu"
     # --min-delta-cosine: fail a shard whose re-quantized weight keeps less of its intended delta than this
@@ -183,14 +183,15 @@ class MergePlan(BaseModel):
     @property
     def estimated_peak_bytes(self) -> int:
         return max(
-            (s.peak_bytes(self.job.adapter) for s in self.shards),
+            (s.peak_bytes(self.job.adapters) for s in self.shards),
             default=READ_AHEAD_BYTES + WRITE_BEHIND_BYTES + POOLED_BYTES,
         )
 
     def summary(self) -> dict[str, Any]:
         return {
             "base": self.job.base.uri,
-            "adapter": self.job.adapter.location.uri,
+            "adapter": self.job.adapters.label,
+            "adapters": [{"uri": m.index.location.uri, "weight": m.weight} for m in self.job.adapters.members],
             "output": self.job.output.uri,
             "fingerprint": self.fingerprint,
             "output_dtype": self.output_dtype,

@@ -4,11 +4,14 @@ adapter's config and header."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..adapter import load_adapter_index
+from ..adapter_spec import AdapterSpec
+from ..adapters import AdapterSet, WeightedAdapter
 from ..credentials import StorageCredentials
-from ..errors import UnsupportedBaseError
+from ..errors import LoraMergeError, UnsupportedBaseError
 from ..fingerprint import merge_fingerprint
 from ..formats.bitsandbytes import AsQuantized
 from ..formats.unsupported import find_quantized
@@ -28,12 +31,15 @@ from .quantized import (
     resolver_entries,
     round_trip_decision,
 )
-from .updates import plan_updates, replaced_shape, untied_head
+from .several import plan_adapter_set
+from .updates import replaced_shape, untied_head
+
+Adapters = str | Location | AdapterSpec | Sequence[str | Location | AdapterSpec]
 
 
 def make_plan(
     base: str | Location,
-    adapter: str | Location,
+    adapter: Adapters,
     output: str | Location,
     *,
     device: str = "cpu",
@@ -54,19 +60,24 @@ def make_plan(
             return where
         return Location.parse(where, storage_options, credentials=credentials, what=what)
 
-    base_loc, adapter_loc, output_loc = (
-        located(base, "--base"),
-        located(adapter, "--adapter"),
-        located(output, "--output"),
-    )
-    refuse_output_inside_inputs(output_loc, base=base_loc, adapter=adapter_loc)
+    base_loc, output_loc = located(base, "--base"), located(output, "--output")
+    specs = _adapter_specs(adapter)
+    adapter_locs = [located(where, "--adapter") for where, _ in specs]
+    for where in adapter_locs:
+        refuse_output_inside_inputs(output_loc, base=base_loc, adapter=where)
+    _refuse_repeats(adapter_locs, specs)
 
     files, weight_map, index_metadata, has_index = base_layout(base_loc)
     headers, versions = read_headers(base_loc, files)
     check_index(base_loc, headers, weight_map)
     config_bytes = base_loc.read_bytes("config.json") if base_loc.exists("config.json") else None
     config = parse_config(base_loc, config_bytes)
-    adapter_index = load_adapter_index(adapter_loc)
+    adapters = AdapterSet(
+        members=tuple(
+            WeightedAdapter(index=load_adapter_index(where), weight=weight)
+            for where, (_, weight) in zip(adapter_locs, specs, strict=True)
+        )
+    )
 
     catalog = {t.name: t for h in headers for t in h.tensors}
     fmt, weights = find_quantized_weights(
@@ -78,7 +89,7 @@ def make_plan(
     # An adapter targets a quantized weight by its own name: resolution sees it in place of its stored parts.
     parts = {name for w in weights.values() for name in w.stored_names}
     visible = {n: e for n, e in catalog.items() if n not in parts}
-    resolver = NameResolver({**visible, **resolver_entries(weights)}, config)
+    resolver_catalog = {**visible, **resolver_entries(weights)}
     unsupported = find_quantized(base_loc.uri, config, catalog, supported=parts)
     if as_quantized is not None and unsupported is not None:
         raise UnsupportedBaseError(
@@ -94,7 +105,9 @@ def make_plan(
             f"{f', {unsupported.why}' if unsupported.why else ''}) cannot be dequantized by this tool and would lose "
             "the config that describes them; use --output-dtype keep"
         )
-    updates, usage, config_updates = plan_updates(adapter_index, resolver, config, set(weights), unsupported)
+    (updates, usage, config_updates), resolver = plan_adapter_set(
+        adapters, lambda: NameResolver(resolver_catalog, config), config, set(weights), unsupported
+    )
     # a round-tripped weight is written like a dequantized one (in its own dtype), whatever the mode
     roles = quantized_roles(weights, updates, "bf16" if as_quantized is not None else mode)
     config_removals = quantization_config_keys(config) if fmt is not None and mode == "bf16" else ()
@@ -102,9 +115,10 @@ def make_plan(
         resolver.decisions.append(mode_decision(fmt, weights, updates, mode))
     if as_quantized is not None:
         resolver.decisions.append(round_trip_decision(as_quantized, weights, updates))
-    hint = qlora_hint(adapter_index.raw_config, fmt, as_quantized)
-    if hint is not None:
-        resolver.decisions.append(hint)
+    for member in adapters.members:
+        hint = qlora_hint(member.index.raw_config, fmt, as_quantized)
+        if hint is not None and hint not in resolver.decisions:
+            resolver.decisions.append(hint)
 
     shards = []
     for header in headers:
@@ -113,7 +127,7 @@ def make_plan(
             role = roles.get(entry.name)
             if role is None:
                 tensor_updates = tuple(updates.get(entry.name, ()))
-                shape = replaced_shape(tensor_updates, adapter_index) or entry.shape
+                shape = replaced_shape(tensor_updates, adapters) or entry.shape
             else:  # a quantized weight's updates are carried by its primary part, the others only compute with them
                 primary = role.role == role.weight.primary
                 tensor_updates = tuple(updates.get(role.weight.name, ())) if primary else ()
@@ -121,7 +135,7 @@ def make_plan(
                 shape = role.weight.shape if dequantized else entry.shape
             planned.append(PlannedTensor(base=entry, shape=shape, updates=tensor_updates, quantized=role))
         if resolver.untied is not None and resolver.untied[0] in header.by_name():
-            planned.append(untied_head(header, *resolver.untied, updates, adapter_index))
+            planned.append(untied_head(header, *resolver.untied, updates, adapters))
         shards.append(
             ShardPlan(
                 file=header.file,
@@ -136,7 +150,7 @@ def make_plan(
     job = MergeJob(
         base=base_loc,
         base_versions=versions,
-        adapter=adapter_index,
+        adapters=adapters,
         output=output_loc,
         device=device,
         min_delta_cosine=min_delta_cosine,
@@ -144,7 +158,7 @@ def make_plan(
             base_headers=headers,
             base_versions=versions,
             base_config=config_bytes,
-            adapter=adapter_index,
+            adapters=adapters,
             # A block-FP8 base kept in FP8 is hashed under the name that mode had while it was the only quantized
             # format, so outputs merged before `keep` existed keep their identity (and resume).
             output_dtype=(
@@ -170,3 +184,29 @@ def make_plan(
         decisions=tuple(resolver.decisions),
         adapter_usage=usage,
     )
+
+
+def _adapter_specs(adapter: Adapters) -> list[tuple[str | Location, float]]:
+    """(where, weight) of each adapter named: one or several, each a Location, an AdapterSpec or `PATH[:WEIGHT]`."""
+    given = [adapter] if isinstance(adapter, (str, Location, AdapterSpec)) else list(adapter)
+    if not given:
+        raise LoraMergeError("no adapter given: name at least one with --adapter PATH[:WEIGHT]")
+    specs: list[tuple[str | Location, float]] = []
+    for one in given:
+        if isinstance(one, str):
+            one = AdapterSpec.parse(one)
+        specs.append((one.uri, one.weight) if isinstance(one, AdapterSpec) else (one, 1.0))
+    return specs
+
+
+def _refuse_repeats(locations: list[Location], specs: list[tuple[str | Location, float]]) -> None:
+    seen: dict[str, int] = {}
+    for position, where in enumerate(locations):
+        key = where.uri.rstrip("/")
+        if key in seen:
+            total = specs[seen[key]][1] + specs[position][1]
+            raise LoraMergeError(
+                f"--adapter {where.uri} is given twice (adapters {seen[key] + 1} and {position + 1}); give it once, "
+                f"with the weights summed ({where.uri}:{total:g}) if that is what you mean"
+            )
+        seen[key] = position

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from ..adapter import TRAINING_ONLY_TENSORS, AdapterIndex, AdapterTensor, adapter_scale, rank_problems
+from ..adapters import AdapterSet
 from ..errors import AdapterMismatchError, InconsistentAdapterError, UnsupportedAdapterError
 from ..formats.base import TensorRef
 from ..formats.unsupported import UnsupportedBase, UnsupportedWeight
@@ -203,16 +204,8 @@ def plan_updates(
     # ones redirected from lm_head. Within that: full replacements, then deltas, then token rows.
     # A replacement from `base_layer.weight` is the base copy PEFT loads before merging anything, also on a tied
     # tensor, so it always comes first; among one module's replacements the base copies come before the trained one.
-    kind_order = {"replace": 0, "delta": 1, "rows": 2}
     for tensor_updates in updates.values():
-        tensor_updates.sort(
-            key=lambda u: (
-                u.kind != "replace",
-                u.module in resolver.tied_redirects,
-                kind_order[u.kind],
-                _replacement_rank(u.adapter_tensors[0]) if u.kind == "replace" else 0,
-            )
-        )
+        tensor_updates.sort(key=lambda u: merge_order(u, resolver))
     # Only the last full replacement of a tensor counts: those before it are not read (their keys change nothing).
     for target, tensor_updates in updates.items():
         last = max((i for i, u in enumerate(tensor_updates) if u.kind == "replace"), default=0)
@@ -319,6 +312,21 @@ def _touched_quantized(
         if target in quantized.weights:
             touched.setdefault(target, quantized.weights[target])
     return sorted(touched.values(), key=lambda w: w.name)
+
+
+_KIND_ORDER = {"replace": 0, "delta": 1, "rows": 2}
+
+
+def merge_order(update: Update, resolver: NameResolver) -> tuple[bool, bool, int, int]:
+    """Where an update goes among its tensor's updates (a sort key; the sort is stable): full replacements first,
+    the base copies among them before the trained one; then the tensor's own updates before those redirected to it
+    from a tied module; within each, deltas before token rows."""
+    return (
+        update.kind != "replace",
+        update.module in resolver.tied_redirects,
+        _KIND_ORDER[update.kind],
+        _replacement_rank(update.adapter_tensors[0]) if update.kind == "replace" else 0,
+    )
 
 
 def _replacement_rank(key: str) -> int:
@@ -833,7 +841,7 @@ def _plan_tokens(
 
 
 def untied_head(
-    header: ShardHeader, embedding: str, head: str, updates: dict[str, list[Update]], adapter: AdapterIndex
+    header: ShardHeader, embedding: str, head: str, updates: dict[str, list[Update]], adapters: AdapterSet
 ) -> PlannedTensor:
     """The output head of an untied output: a tensor the base does not store, in the embedding's shard after the
     shard's own tensors, starting from the embedding's base bytes."""
@@ -841,14 +849,14 @@ def untied_head(
     head_updates = tuple(updates.get(head, ()))
     return PlannedTensor(
         base=entry.model_copy(update={"name": head}),
-        shape=replaced_shape(head_updates, adapter) or entry.shape,
+        shape=replaced_shape(head_updates, adapters) or entry.shape,
         updates=head_updates,
         source=TensorRef(file=header.file, data_start=header.data_start, entry=entry),
     )
 
 
-def replaced_shape(updates: tuple[Update, ...], adapter: AdapterIndex) -> tuple[int, ...] | None:
+def replaced_shape(updates: tuple[Update, ...], adapters: AdapterSet) -> tuple[int, ...] | None:
     for update in reversed(updates):
         if update.kind == "replace":
-            return tuple(adapter.tensors[update.adapter_tensors[0]].shape)
+            return tuple(adapters.tensors[update.adapter_tensors[0]].shape)
     return None
