@@ -118,7 +118,14 @@ def serve(
             "(infra/local_stack.py start) and export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     if cron and not (adapter and output):
-        raise LoraMergeError("--cron merges one adapter into one output on a schedule: give --adapter and --output")
+        raise LoraMergeError(
+            "--cron merges its adapter(s) into one output on a schedule: give --adapter (repeatable) and --output"
+        )
+    if (adapter or output) and not cron:
+        raise LoraMergeError(
+            "--adapter and --output name what --cron merges; without --cron the deployment merges what each "
+            "adapter-ready event names: give --cron too, or leave them out"
+        )
     _refuse_secrets(storage_options)
     schedules = []
     if cron:

@@ -271,3 +271,113 @@ def test_a_weight_that_is_not_a_finite_number_is_refused_before_anything_runs(te
     assert "--adapter" in capsys.readouterr().err
     with pytest.raises(ValueError, match="adapter"):
         MergeParameters(base="b", adapter=[text], output="o")
+
+
+def _deltas_only(case: zoo.Case, plan, where: Path) -> Path:
+    """The case's adapter without its full copies and token rows (and their config): its deltas alone."""
+    from safetensors.torch import load_file, save_file
+
+    deltas = {
+        k for s in plan.shards for t in s.touched for u in t.updates if u.kind == "delta" for k in u.adapter_tensors
+    }
+    tensors = load_file(case.adapter_dir / "adapter_model.safetensors")
+    kept = {k: v for k, v in tensors.items() if k.removeprefix("base_model.model.") in deltas}
+    config = json.loads((case.adapter_dir / "adapter_config.json").read_text())
+    config.update(modules_to_save=None, trainable_token_indices=None)
+    where.mkdir()
+    save_file(kept, where / "adapter_model.safetensors")
+    (where / "adapter_config.json").write_text(json.dumps(config))
+    return where
+
+
+@pytest.mark.parametrize("name", list(zoo.CASES))
+def test_every_kind_of_update_in_the_zoo_takes_its_adapters_weight(name, tmp_path):
+    """Two copies of one adapter at 0.5 and 0.25 are that adapter at 0.75, on every form of delta (linear, Conv1D,
+    embedding, conv, fused and per-expert experts, biases, on a saved base layer); an adapter with DoRA, a trained
+    copy or token rows is refused at a weight other than 1."""
+    case = zoo.CASES[name](tmp_path)
+    alone = make_plan(str(case.base_dir), str(case.adapter_dir), str(tmp_path / "o"))
+    updates = [u for s in alone.shards for t in s.touched for u in t.updates]
+    if any(u.magnitude for u in updates):
+        with pytest.raises(UnsupportedAdapterError, match="DoRA"):
+            make_plan(str(case.base_dir), [f"{case.adapter_dir}:0.5"], str(tmp_path / "o"))
+        return
+    adapter = case.adapter_dir
+    base_copy = (".base_layer.", ".original_module.")  # PEFT's saved base layer: the start, taken at any weight
+    if any(
+        u.kind == "rows" or u.kind == "replace" and not any(b in u.adapter_tensors[0] for b in base_copy)
+        for u in updates
+    ):
+        with pytest.raises(UnsupportedAdapterError, match="weight 1"):
+            make_plan(str(case.base_dir), [f"{case.adapter_dir}:0.5"], str(tmp_path / "o"))
+        adapter = _deltas_only(case, alone, tmp_path / "deltas")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for part in adapter.iterdir():
+        (twin / part.name).write_bytes(part.read_bytes())
+    merge_checkpoint(str(case.base_dir), [f"{adapter}:0.5", f"{twin}:0.25"], str(tmp_path / "pair"))
+    merge_checkpoint(str(case.base_dir), f"{adapter}:0.75", str(tmp_path / "weighted"))
+    ours, expected = zoo.read_checkpoint(tmp_path / "pair"), zoo.read_checkpoint(tmp_path / "weighted")
+    base = zoo.read_checkpoint(case.base_dir)
+    assert ours.keys() == expected.keys()
+    wrong = [k for k, v in ours.items() if v.is_floating_point() and not _within_one_rounding(v, expected[k].float())]
+    assert not wrong, f"{name}: {wrong[:5]}"
+    changed = {k for k, v in ours.items() if k in base and not torch.equal(v, base[k])}
+    assert changed == {k for k, v in expected.items() if k in base and not torch.equal(v, base[k])}
+
+
+def test_a_later_adapters_copy_of_a_module_is_merged_and_checked_against_peft(llama_case, tmp_path, capsys):
+    copy = _with_copy(llama_case, tmp_path / "copy", 24)  # lm_head's trained copy; the first adapter leaves lm_head
+    out = tmp_path / "merged"
+    given = ["--adapter", f"{llama_case.adapter_dir}:0.5", "--adapter", str(copy)]
+    merge_checkpoint(str(llama_case.base_dir), [f"{llama_case.adapter_dir}:0.5", str(copy)], str(out))
+
+    code = main(["validate", "--output", str(out), "--base", str(llama_case.base_dir), *given, "--forward", "--json"])
+
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["forward"]["passed"], report
+    saved = zoo.read_checkpoint(copy)  # not a checkpoint, but read_checkpoint reads any safetensors directory
+    trained = next(
+        v
+        for k, v in saved.items()
+        if k.endswith("lm_head.modules_to_save.default.weight")
+        or (k.endswith("lm_head.weight") and "base_layer" not in k)
+    )
+    assert torch.equal(zoo.read_checkpoint(out)["lm_head.weight"], trained.to(torch.float32))
+
+
+def test_a_copy_of_a_tensor_that_another_adapter_changes_is_refused(llama_case, tmp_path):
+    head_lora = zoo.build_adapter_for(
+        llama_case, tmp_path / "head-lora", LoraConfig(r=2, target_modules=["lm_head"]), seed=25
+    )
+    copy = _with_copy(llama_case, tmp_path / "copy", 26)
+    with pytest.raises(InconsistentAdapterError, match="lm_head") as caught:
+        make_plan(str(llama_case.base_dir), [str(head_lora), str(copy)], str(tmp_path / "out"))
+    message = str(caught.value)
+    assert "adapter 2" in message and "also change" in message and "separate passes" in message
+
+
+def test_an_adapter_that_unties_the_head_does_so_for_the_whole_set_in_either_order(tmp_path):
+    case = zoo.build_tied_llama(tmp_path / "tied")
+    head = zoo.build_adapter_for(case, tmp_path / "head", LoraConfig(r=2, target_modules=["lm_head", "q_proj"]), 3)
+    embed_config = LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["embed_tokens"])
+    embed = zoo.build_adapter_for(case, tmp_path / "embed", embed_config, 4)
+
+    def planned(order: list[Path]) -> tuple[dict[str, list[tuple[str, ...]]], list[str]]:
+        plan = make_plan(str(case.base_dir), [str(p) for p in order], str(tmp_path / "out"))
+        by_path = {str(p): i + 1 for i, p in enumerate(order)}
+        name = {f"{i}:": f"{p.name}:" for p, i in ((Path(k), v) for k, v in by_path.items())}
+        touched = {
+            t.name: sorted(tuple(name[k[:2]] + k[2:] for k in u.adapter_tensors) for u in t.updates)
+            for s in plan.shards
+            for t in s.touched
+            if t.name in ("model.embed_tokens.weight", "lm_head.weight")
+        }
+        return touched, [d for d in plan.decisions if "untied embeddings" in d]
+
+    first, first_why = planned([head, embed])
+    second, second_why = planned([embed, head])
+    assert first == second, "the order of the adapters does not decide where the head's updates land"
+    assert all(k.startswith("head:") for u in first["lm_head.weight"] for k in u)
+    assert first["model.embed_tokens.weight"] == [("embed:model.embed_tokens.weight",)]
+    assert len(first_why) == len(second_why) == 1 and str(embed) in first_why[0] and str(embed) in second_why[0]

@@ -28,22 +28,28 @@ class AdapterSpec(BaseModel):
         """`PATH` or `PATH:WEIGHT`. Only a number after the last colon is a weight, so a URI's own colons
         (`s3://bucket/adapter`) stay in the path; a path that itself ends in `:<number>` is written `PATH:1`."""
         text = text.strip()
-        head, sep, tail = text.rpartition(":")
-        if (
-            sep
-            and head
-            and (
-                _NOT_FINITE.fullmatch(tail.strip())
-                or _WEIGHT.fullmatch(tail.strip())
-                and not math.isfinite(float(tail))
-            )
-        ):
-            raise LoraMergeError(f"--adapter {text}: the weight after the last colon must be a finite number")
-        if sep and head and _WEIGHT.fullmatch(tail.strip()):
-            return cls(uri=head, weight=float(tail))
         if not text:
             raise LoraMergeError("--adapter is empty: give an adapter directory or URI, optionally PATH:WEIGHT")
-        return cls(uri=text)
+        head, sep, tail = text.rpartition(":")
+        head, tail = head.strip(), tail.strip()
+        if sep and not tail:
+            raise LoraMergeError(
+                f"--adapter {text}: nothing after the last colon; give a weight (PATH:0.5) or leave the colon out"
+            )
+        numeric = _WEIGHT.fullmatch(tail) is not None
+        if sep and (_NOT_FINITE.fullmatch(tail) or numeric and not math.isfinite(float(tail))):
+            raise LoraMergeError(f"--adapter {text}: the weight after the last colon must be a finite number")
+        if not (sep and numeric):
+            return cls(uri=text)
+        if not head:
+            raise LoraMergeError(f"--adapter {text}: no adapter before the weight; give PATH:WEIGHT")
+        if float(tail) == 0:
+            raise LoraMergeError(
+                f"--adapter {text}: weight 0 leaves the adapter out of the merge; drop this --adapter instead"
+            )
+        return cls(uri=head, weight=float(tail))
 
     def __str__(self) -> str:
-        return self.uri if self.weight == 1 else f"{self.uri}:{self.weight:g}"
+        """`PATH[:WEIGHT]` that parses back to this spec."""
+        ambiguous = ":" in self.uri and _WEIGHT.fullmatch(self.uri.rpartition(":")[2]) is not None
+        return f"{self.uri}:{self.weight!r}" if self.weight != 1 or ambiguous else self.uri

@@ -50,6 +50,10 @@ class AdapterSet(BaseModel):
         """The key a plan knows member `position`'s (0-based) tensor `key` by."""
         return f"{position + 1}:{key}" if self.several else key
 
+    def position_of(self, key: str) -> int:
+        """The (0-based) member a qualified key belongs to."""
+        return int(key.partition(":")[0]) - 1 if self.several else 0
+
     def member_of(self, key: str) -> tuple[AdapterIndex, str]:
         """The adapter that holds a qualified key, and its key there."""
         if not self.several:

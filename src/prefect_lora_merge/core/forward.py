@@ -106,18 +106,18 @@ def _local(location: Location, target: Path) -> str:
 
 
 def _peft_reference(base_model: Any, adapter_dirs: list[Path], weights: list[float]) -> Any:
-    """PEFT's merge of the adapters at their weights: each loaded under its own name, each LoRA layer's scaling
-    multiplied by its adapter's weight, all merged by `merge_and_unload`, which adds their deltas one by one."""
+    """PEFT's merge of the adapters at their weights, one after another in fp32: each loaded onto the last one's
+    merged model, each LoRA layer's scaling multiplied by the adapter's weight, merged by `merge_and_unload`. (The
+    plan refuses the sets whose order would matter: a copy or token rows of a tensor another adapter changes.)"""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    names = [f"adapter_{i}" for i in range(len(adapter_dirs))]
-    model = PeftModel.from_pretrained(base_model, adapter_dirs[0], adapter_name=names[0])
-    for name, where in zip(names[1:], adapter_dirs[1:], strict=True):
-        model.load_adapter(where, adapter_name=name)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, weight in zip(names, weights, strict=True):
-                if name in module.scaling:
-                    module.scaling[name] *= weight
-    return model.merge_and_unload(adapter_names=names)
+    model = base_model
+    for where, weight in zip(adapter_dirs, weights, strict=True):
+        peft_model = PeftModel.from_pretrained(model, where)
+        if weight != 1:
+            for module in peft_model.modules():
+                if isinstance(module, LoraLayer):
+                    module.scaling = {name: scale * weight for name, scale in module.scaling.items()}
+        model = peft_model.merge_and_unload()
+    return model

@@ -207,6 +207,6 @@ def _refuse_repeats(locations: list[Location], specs: list[tuple[str | Location,
             total = specs[seen[key]][1] + specs[position][1]
             raise LoraMergeError(
                 f"--adapter {where.uri} is given twice (adapters {seen[key] + 1} and {position + 1}); give it once, "
-                f"with the weights summed ({where.uri}:{total:g}) if that is what you mean"
+                f"with the weights summed ({AdapterSpec(uri=where.uri, weight=total or 1)}) if that is what you mean"
             )
         seen[key] = position

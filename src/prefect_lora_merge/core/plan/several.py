@@ -24,7 +24,9 @@ from ..errors import InconsistentAdapterError, UnsupportedAdapterError
 from ..formats.unsupported import UnsupportedBase
 from ..update import Update, update_keys
 from .names import NameResolver
-from .updates import _MAGNITUDE_KEY, _untie_updates, merge_order, plan_updates
+from .updates import _MAGNITUDE_KEY, _replacement_rank, _untie_updates, merge_order, plan_updates
+
+UNTIED = "untied embeddings:"  # how the decision that gives the output a head of its own starts
 
 PlannedUpdates = tuple[dict[str, list[Update]], dict[str, list[str]], dict[str, int | bool]]
 
@@ -47,10 +49,13 @@ def plan_adapter_set(
     untied_by = next((i for i, (_, untied) in enumerate(planned) if untied), None)
     if untied_by is not None and untied_by > 0:
         # An adapter after the first unties the head: the ones before it were planned with lm_head redirected to the
-        # tied embedding. Plan them all again against the untied output, so every head update lands on the head.
+        # tied embedding. Plan them all again against the untied output, so every head update lands on the head;
+        # the decision that says why is the one that adapter's own planning made.
+        why = [d for d in resolver.decisions if d.startswith(f"{adapters.describe(untied_by)}: {UNTIED}")]
         resolver = make_resolver()
         resolver.untie()
         planned = _plan_each(adapters, resolver, config, quantized_weights, unsupported)
+        resolver.decisions += why
     updates: dict[str, list[Update]] = defaultdict(list)
     usage: dict[str, list[str]] = {}
     config_updates: dict[str, int | bool] = _untie_updates(config) if resolver.untied is not None else {}
@@ -59,7 +64,7 @@ def plan_adapter_set(
         member = adapters.members[position]
         for target, tensor_updates in member_updates.items():
             for update in tensor_updates:
-                if update.kind != "delta" and member.weight != 1:
+                if update.kind != "delta" and member.weight != 1 and not _base_copy(update):
                     raise _unweighable(adapters, position, update, target)
                 updates[target].append(_qualified(adapters, position, update))
         for key, targets in member_usage.items():
@@ -73,8 +78,9 @@ def plan_adapter_set(
             config_updates[key] = value
     for target, tensor_updates in updates.items():
         tensor_updates.sort(key=lambda u: merge_order(u, resolver))
-        conflicts += _same_replacements(adapters, target, tensor_updates, usage, resolver)
+        owners = _same_replacements(adapters, target, tensor_updates, usage, resolver, conflicts)
         conflicts += _same_token_rows(adapters, target, tensor_updates)
+        conflicts += _values_overridden(adapters, target, tensor_updates, owners)
     if conflicts:
         raise InconsistentAdapterError(
             f"the adapters {adapters.label} disagree on {len(conflicts)} tensor(s) that cannot be summed",
@@ -100,7 +106,8 @@ def _plan_each(
         was_untied = resolver.untied is not None
         before = list(resolver.decisions)
         result = plan_updates(member.index, resolver, config, quantized_weights, unsupported)
-        added = [d for d in resolver.decisions if d not in before]
+        # Only the adapter that unties the head says why (the others find it untied already).
+        added = [d for d in resolver.decisions if d not in before and not (was_untied and d.startswith(UNTIED))]
         resolver.decisions[:] = before + [f"{adapters.describe(position)}: {d}" for d in added]
         planned.append((result, not was_untied and resolver.untied is not None))
     return planned
@@ -133,7 +140,7 @@ def _refuse_dora(adapters: AdapterSet) -> None:
 
 
 def _unweighable(adapters: AdapterSet, position: int, update: Update, target: str) -> UnsupportedAdapterError:
-    what = "trainable token rows" if update.kind == "rows" else "a full copy (modules_to_save)"
+    what = "trainable token rows" if update.kind == "rows" else "a full copy (modules_to_save, or a saved base layer)"
     return UnsupportedAdapterError(
         f"{adapters.describe(position)}: {update.adapter_tensors[0]} is {what} of {target}, trained values rather "
         "than a delta, which a weight other than 1 cannot scale; give this adapter weight 1, or save it without "
@@ -141,39 +148,74 @@ def _unweighable(adapters: AdapterSet, position: int, update: Update, target: st
     )
 
 
-def _position(key: str) -> int:
-    return int(key.partition(":")[0]) - 1
-
-
 def _same_replacements(
-    adapters: AdapterSet, target: str, updates: list[Update], usage: dict[str, list[str]], resolver: NameResolver
-) -> list[str]:
+    adapters: AdapterSet,
+    target: str,
+    updates: list[Update],
+    usage: dict[str, list[str]],
+    resolver: NameResolver,
+    conflicts: list[str],
+) -> set[int]:
     """Two adapters' full replacements of one tensor: the same values count once (the later adapter's keys change
-    nothing, as a superseded replacement), different ones are a conflict."""
+    nothing, as a superseded replacement), different ones are a conflict. Returns the adapters that hold the
+    tensor's replacement (none: it starts from the base)."""
     replacements = [u for u in updates if u.kind == "replace"]
-    if len(replacements) < 2:
-        return []
+    if not replacements:
+        return set()
     first = replacements[0]
+    owners = {adapters.position_of(first.adapter_tensors[0])}
+    if len(replacements) < 2:
+        return owners
     kept = adapters.read(first.adapter_tensors[0])
-    conflicts = []
     for other in replacements[1:]:
         key = other.adapter_tensors[0]
         value = adapters.read(key)
         if value.shape != kept.shape or not torch.equal(value.to(torch.float64), kept.to(torch.float64)):
             conflicts.append(
-                f"{target}: {adapters.describe(_position(first.adapter_tensors[0]))} and "
-                f"{adapters.describe(_position(key))} both replace it (modules_to_save) with different values "
-                f"({first.adapter_tensors[0]}, {key})"
+                f"{target}: {adapters.describe(adapters.position_of(first.adapter_tensors[0]))} and "
+                f"{adapters.describe(adapters.position_of(key))} both replace it (modules_to_save) with different "
+                f"values ({first.adapter_tensors[0]}, {key})"
             )
             continue
         updates.remove(other)
+        owners.add(adapters.position_of(key))
         for k in update_keys(other):
             usage[k].remove(target)
         resolver.decisions.append(
             f"{target}: {key} is the same copy as {first.adapter_tensors[0]} (modules_to_save of both adapters): "
             "applied once"
         )
+    return owners
+
+
+def _values_overridden(adapters: AdapterSet, target: str, updates: list[Update], owners: set[int]) -> list[str]:
+    """A tensor one adapter replaces (or sets token rows of) and another changes: the copy was trained from the
+    base, not from the other adapter's result, and token rows set last would discard the other's change to them;
+    no order of the two is the obvious one, so the merge does not pick one."""
+    conflicts = []
+    if owners:
+        others = sorted({adapters.position_of(u.adapter_tensors[0]) for u in updates} - owners)
+        if others:
+            conflicts.append(
+                f"{target}: {', '.join(adapters.describe(p) for p in sorted(owners))} replace(s) it with a full copy "
+                f"(modules_to_save), which {', '.join(adapters.describe(p) for p in others)} also change(s)"
+            )
+    row_setters = {adapters.position_of(u.adapter_tensors[0]) for u in updates if u.kind == "rows"}
+    for setter in sorted(row_setters):
+        changers = {adapters.position_of(u.adapter_tensors[0]) for u in updates if u.kind != "rows"}
+        others = sorted(changers - {setter} - owners)
+        if others and not owners:
+            conflicts.append(
+                f"{target}: {adapters.describe(setter)} sets trainable token rows of it, which "
+                f"{', '.join(adapters.describe(p) for p in others)} also change(s)"
+            )
     return conflicts
+
+
+def _base_copy(update: Update) -> bool:
+    """A replacement that is PEFT's saved copy of the base layer (`base_layer.weight`): where the merge starts
+    from, not a trained value, so any weight applies to the deltas on top of it."""
+    return update.kind == "replace" and _replacement_rank(update.adapter_tensors[0]) == 0
 
 
 def _same_token_rows(adapters: AdapterSet, target: str, updates: list[Update]) -> list[str]:
@@ -182,7 +224,7 @@ def _same_token_rows(adapters: AdapterSet, target: str, updates: list[Update]) -
     conflicts = []
     for i, one in enumerate(rows):
         for other in rows[i + 1 :]:
-            if _position(one.adapter_tensors[0]) == _position(other.adapter_tensors[0]):
+            if adapters.position_of(one.adapter_tensors[0]) == adapters.position_of(other.adapter_tensors[0]):
                 continue
             common = sorted(set(one.indices or ()) & set(other.indices or ()))
             if not common:
@@ -193,9 +235,9 @@ def _same_token_rows(adapters: AdapterSet, target: str, updates: list[Update]) -
             differ = [t for t in common if not torch.equal(a[at_a[t]].to(b.dtype), b[at_b[t]])]
             if differ:
                 conflicts.append(
-                    f"{target}: {adapters.describe(_position(one.adapter_tensors[0]))} and "
-                    f"{adapters.describe(_position(other.adapter_tensors[0]))} set token row(s) {differ[:8]} "
-                    "(trainable tokens) to different values"
+                    f"{target}: {adapters.describe(adapters.position_of(one.adapter_tensors[0]))} and "
+                    f"{adapters.describe(adapters.position_of(other.adapter_tensors[0]))} set token row(s) "
+                    f"{differ[:8]} (trainable tokens) to different values"
                 )
     return conflicts
 
