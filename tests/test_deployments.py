@@ -205,8 +205,10 @@ def test_a_serve_schedule_needs_the_adapter_and_output_it_merges(monkeypatch):
     from prefect_lora_merge.flows.deployment import serve
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        with pytest.raises(LoraMergeError, match="give --adapter and --output"):
+        with pytest.raises(LoraMergeError, match=r"give --adapter \(repeatable\) and --output"):
             serve("s3://b", cron="0 3 * * *")
+        with pytest.raises(LoraMergeError, match="give --cron too"):
+            serve("s3://b", adapter=["a", "b:0.5"], output="o")
         with pytest.raises(LoraMergeError, match="not a cron expression"):
             serve("s3://b", cron="at three", adapter="a", output="o")
 
@@ -299,6 +301,7 @@ def test_an_adapter_ready_event_starts_a_deployed_merge_on_s3_that_validates(sta
     fs = _s3(stack)
     fs.put(f"{llama_case.base_dir}/", f"{stack.bucket}/models/base/", recursive=True)
     fs.put(f"{llama_case.adapter_dir}/", f"{stack.bucket}/adapters/run-1/", recursive=True)
+    fs.put(f"{llama_case.adapter_dir}/", f"{stack.bucket}/adapters/run-1-again/", recursive=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
     env.update(stack.env, PREFECT_HOME=str(tmp_path / "client"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
 
@@ -324,15 +327,32 @@ def test_an_adapter_ready_event_starts_a_deployed_merge_on_s3_that_validates(sta
             timeout=120,
         )
         assert announce.returncode == 0, announce.stderr
+    # Several adapters in one event: a list in the payload, a list in the run's parameters.
+    blend = [f"s3://{stack.bucket}/adapters/run-1", f"s3://{stack.bucket}/adapters/run-1-again:-0.5"]
+    blend_output = f"s3://{stack.bucket}/merged/blend"
+    announce = subprocess.run(
+        [sys.executable, "-m", "prefect_lora_merge.cli", "announce", "--output", blend_output]
+        + [arg for adapter in blend for arg in ("--adapter", adapter)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert announce.returncode == 0, announce.stderr
 
     deadline = time.monotonic() + 300
     while True:
         runs = _flow_runs(stack)
-        if len(runs) == 2 and all(run.state and run.state.is_final() for run in runs):
+        if len(runs) == 3 and all(run.state and run.state.is_final() for run in runs):
             break
         assert time.monotonic() < deadline, f"the triggered runs did not finish: {[str(r.state) for r in runs]}"
         time.sleep(2)
-    assert [run.state.type.value for run in runs] == ["COMPLETED", "COMPLETED"], [str(r.state) for r in runs]
+    assert [run.state.type.value for run in runs] == ["COMPLETED"] * 3, [str(r.state) for r in runs]
+    (blended,) = [run for run in runs if run.parameters["params"]["output"] == blend_output]
+    assert blended.parameters["params"]["adapter"] == blend
+    blend_report = json.loads(fs.cat_file(f"{stack.bucket}/merged/blend/{REPORT_FILE}"))
+    assert blend_report["passed"], blend_report["failures"]
+    runs = [run for run in runs if run is not blended]
     for run in runs:
         assert run.parameters["params"]["adapter"] == f"s3://{stack.bucket}/adapters/run-1", "taken from the event"
         assert run.parameters["params"]["output"] == output
@@ -350,3 +370,11 @@ def test_an_adapter_ready_event_starts_a_deployed_merge_on_s3_that_validates(sta
         merged = fs.cat_file(f"{stack.bucket}/merged/run-1/{name}")
         assert merged == (reference / name).read_bytes(), f"{name} differs from a single-machine merge"
         assert manifest["files"][name]["sha256"] == hashlib.sha256(merged).hexdigest()
+    again = tmp_path / "run-1-again"
+    again.mkdir()
+    for part in llama_case.adapter_dir.iterdir():
+        (again / part.name).write_bytes(part.read_bytes())
+    blended_here = tmp_path / "blend"
+    merge_checkpoint(str(llama_case.base_dir), [str(llama_case.adapter_dir), f"{again}:-0.5"], str(blended_here))
+    for name in sorted(p.name for p in blended_here.glob("*.safetensors")):
+        assert fs.cat_file(f"{stack.bucket}/merged/blend/{name}") == (blended_here / name).read_bytes(), name
