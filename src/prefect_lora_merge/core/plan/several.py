@@ -243,13 +243,14 @@ def _same_token_rows(adapters: AdapterSet, target: str, updates: list[Update]) -
 
 
 def _set_decision(adapters: AdapterSet) -> str:
-    terms = " + ".join(
-        f"{m.weight:g}·ΔW{i + 1}" if m.weight != 1 else f"ΔW{i + 1}" for i, m in enumerate(adapters.members)
+    terms = "".join(
+        f" {'-' if m.weight < 0 else '+'} {'' if abs(m.weight) == 1 else f'{abs(m.weight):g}·'}ΔW{i + 1}"
+        for i, m in enumerate(adapters.members)
     )
     named = "; ".join(f"{i + 1}: {m.index.location.uri} (weight {m.weight:g})" for i, m in enumerate(adapters.members))
     return (
-        f"{len(adapters.members)} adapter(s) in one pass: W + {terms}, each ΔW with its own adapter's scaling, "
+        f"{len(adapters.members)} adapter(s) in one pass: W{terms}, each ΔW with its own adapter's scaling, "
         f"rounded to the output dtype once; adapter tensors are named <n>:<key> ({named})"
         if adapters.several
-        else f"one adapter at weight {adapters.members[0].weight:g}: W + {terms} ({adapters.first.location.uri})"
+        else f"one adapter at weight {adapters.members[0].weight:g}: W{terms} ({adapters.first.location.uri})"
     )
