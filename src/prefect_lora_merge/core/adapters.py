@@ -1,4 +1,5 @@
-"""Several adapters merged in one pass: what `--adapter PATH[:WEIGHT]` names, and the set of adapters a plan carries.
+"""Several adapters merged in one pass: the set of adapters a plan carries, each with its weight (`adapter_spec` parses
+what `--adapter PATH[:WEIGHT]` names).
 
 The merge writes W + Σ wᵢ·ΔWᵢ, each ΔWᵢ with its own adapter's scaling, in one streaming pass. With more than one
 adapter, every adapter tensor is known by a qualified key, `<position>:<key>` (`2:model.layers.0.self_attn.q_proj.
@@ -8,7 +9,6 @@ a single adapter keeps its plain keys, so its plan, fingerprint and manifest are
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 
 import torch
@@ -58,8 +58,7 @@ class AdapterSet(BaseModel):
         """The adapter that holds a qualified key, and its key there."""
         if not self.several:
             return self.first, key
-        position, _, raw = key.partition(":")
-        return self.members[int(position) - 1].index, raw
+        return self.members[self.position_of(key)].index, key.partition(":")[2]
 
     @cached_property
     def tensors(self) -> dict[str, AdapterTensor]:
@@ -89,6 +88,3 @@ class AdapterSet(BaseModel):
                     f"{adapter.location.describe(adapter.file)} changed since the merge was planned; plan the merge "
                     "again"
                 )
-
-    def tensor_bytes(self, key: str, dtype_bytes: int = 4) -> int:
-        return math.prod(self.tensors[key].shape) * dtype_bytes
